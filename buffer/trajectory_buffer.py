@@ -1,0 +1,301 @@
+"""`TrajectoryBuffer`: bounded, thread-safe store of whole `Group`s between rollout and trainer.
+
+Groups are never split: `put` takes a whole group, `get_batch` returns whole groups.
+
+Accounting invariant (checked by the tests after every operation):
+
+    put == consumed + sum(filtered.values()) + held
+
+where `filtered` counts groups dropped with a reason: "uniform_reward" (dynamic filtering
+at put time) or "stale" (strict staleness at consumption time).
+
+Interaction with the `StalenessController` (optional; pass it to share the budget):
+  * put(group) reports the finish of one admitted group: `on_finished(accepted=True)` when
+    it is held, `on_finished(accepted=False)` when it is filtered (frees budget). A group
+    waiting in a blocked put still counts as running, so the sum accepted + running the
+    rule sees is the same.
+  * a strict-mode stale drop happens to a group already counted as accepted, so it calls
+    `on_discarded()` (accepted -= 1). This keeps accepted == (groups trained) + held: the
+    dropped group needs a replacement to fill the batch, and without the decrement every
+    drop would permanently shrink the budget until admission starves and training hangs.
+    With the controller, held never exceeds (η + 1)·B, so `capacity_groups` is then only
+    a memory guard.
+
+Processes: the buffer lives in the trainer process, next to the controller (admission is
+decided there). Rollout worker processes send finished groups over a
+`multiprocessing.Queue`; `feed_from(queue)` runs a feeder thread that `put`s them
+(backpressure included). A worker sends `None` to stop the feeder, or an exception object
+to report its failure; `get_batch` then raises instead of hanging.
+"""
+
+from __future__ import annotations
+
+import queue as queue_module
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from areal.buffer.config import BufferConfig
+from areal.buffer.staleness import StalenessController
+from areal.trajectory import Group
+
+FILTER_UNIFORM_REWARD = "uniform_reward"
+FILTER_STALE = "stale"
+FILTER_REASONS = (FILTER_UNIFORM_REWARD, FILTER_STALE)
+
+
+class BufferClosed(RuntimeError):
+    """The buffer was closed: no more puts, and a get that cannot be served fails."""
+
+
+def has_uniform_rewards(group: Group) -> bool:
+    """True when every reward in the group is equal (GRPO advantages would all be 0)."""
+    rewards = group.rewards
+    return all(r == rewards[0] for r in rewards)
+
+
+def version_lag(current_version: int, group: Group) -> int:
+    """current_version − oldest token version (0 for a group with no generated token)."""
+    oldest = group.oldest_version
+    return 0 if oldest < 0 else current_version - oldest
+
+
+@dataclass
+class _Held:
+    seq: int  # arrival order, for FIFO and tie-breaking
+    group: Group
+    oldest_version: int
+    num_trajectories: int
+    num_tokens: int
+
+
+class TrajectoryBuffer:
+    def __init__(
+        self,
+        config: BufferConfig | None = None,
+        controller: StalenessController | None = None,
+    ) -> None:
+        self.config = config if config is not None else BufferConfig()
+        self.controller = controller
+        if controller is not None and controller.max_staleness != self.config.max_staleness:
+            raise ValueError(
+                f"controller max_staleness {controller.max_staleness} != "
+                f"config max_staleness {self.config.max_staleness}"
+            )
+        self._cond = threading.Condition(threading.Lock())
+        self._held: dict[int, _Held] = {}  # insertion-ordered by seq
+        self._next_seq = 0
+        self._closed = False
+        self._feeders: list[threading.Thread] = []
+        self._feeder_error: BaseException | None = None
+        # counters
+        self._put = 0
+        self._consumed = 0
+        self._filtered = {reason: 0 for reason in FILTER_REASONS}
+        self._put_waits = 0
+        self._held_trajectories = 0
+        self._held_tokens = 0
+        self._consumed_max_lag = 0
+        self._last_batch_max_lag = 0
+
+    # -- producer side ----------------------------------------------------------------
+    def put(self, group: Group, timeout: float | None = None) -> bool:
+        """Hand over one finished group. Returns True if held, False if filtered.
+
+        Blocks while the buffer is full; raises TimeoutError after ``timeout`` seconds
+        (the group was not taken: retry, or report it with controller.on_aborted()),
+        and BufferClosed if the buffer is or becomes closed.
+        """
+        if not group.trajectories:
+            raise ValueError(f"group {group.group_id} has no trajectories")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            self._raise_if_closed("put")
+            if self.config.filter_uniform_rewards and has_uniform_rewards(group):
+                if self.controller is not None:
+                    self.controller.on_finished(accepted=False)
+                self._put += 1
+                self._filtered[FILTER_UNIFORM_REWARD] += 1
+                return False
+            waited = False
+            while len(self._held) >= self.config.capacity_groups:
+                if not waited:
+                    self._put_waits += 1
+                    waited = True
+                self._wait_locked(deadline, f"put of group {group.group_id} (buffer full)")
+                self._raise_if_closed("put")
+            if self.controller is not None:
+                self.controller.on_finished(accepted=True)  # raises before any change here
+            entry = _Held(
+                seq=self._next_seq,
+                group=group,
+                oldest_version=group.oldest_version,
+                num_trajectories=len(group.trajectories),
+                num_tokens=sum(t.num_tokens for t in group.trajectories),
+            )
+            self._next_seq += 1
+            self._held[entry.seq] = entry
+            self._put += 1
+            self._held_trajectories += entry.num_trajectories
+            self._held_tokens += entry.num_tokens
+            self._cond.notify_all()
+            return True
+
+    # -- consumer side ----------------------------------------------------------------
+    def get_batch(
+        self, num_groups: int, current_version: int, timeout: float | None = None
+    ) -> list[Group]:
+        """Wait until ``num_groups`` groups are held, then remove and return them whole,
+        chosen by ``config.order``. In strict mode, first drop (reason "stale") every held
+        group whose oldest token is more than η versions behind ``current_version``.
+
+        Raises TimeoutError after ``timeout`` seconds, BufferClosed if the buffer is
+        closed with too few groups held, and RuntimeError if a feeder thread failed.
+        """
+        if not 1 <= num_groups <= self.config.capacity_groups:
+            raise ValueError(
+                f"num_groups must be in [1, capacity_groups={self.config.capacity_groups}], "
+                f"got {num_groups}"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._feeder_error is not None:
+                    raise RuntimeError("buffer feeder failed") from self._feeder_error
+                if self.config.strict_staleness:
+                    self._drop_stale_locked(current_version)
+                if len(self._held) >= num_groups:
+                    break
+                if self._closed:
+                    raise BufferClosed(
+                        f"buffer closed with {len(self._held)} groups held, {num_groups} requested"
+                    )
+                self._wait_locked(deadline, f"get_batch({num_groups}) at version {current_version}")
+            chosen = sorted(self._held.values(), key=self._order_key)[:num_groups]
+            batch_max_lag = 0
+            for entry in chosen:
+                del self._held[entry.seq]
+                self._held_trajectories -= entry.num_trajectories
+                self._held_tokens -= entry.num_tokens
+                batch_max_lag = max(batch_max_lag, version_lag(current_version, entry.group))
+            self._consumed += len(chosen)
+            self._last_batch_max_lag = batch_max_lag
+            self._consumed_max_lag = max(self._consumed_max_lag, batch_max_lag)
+            self._cond.notify_all()  # space freed for blocked puts
+            return [entry.group for entry in chosen]
+
+    def _order_key(self, entry: _Held) -> tuple[int, int]:
+        if self.config.order == "oldest_first":
+            return (entry.oldest_version, entry.seq)
+        if self.config.order == "newest_first":
+            return (-entry.oldest_version, entry.seq)
+        return (entry.seq, 0)  # fifo
+
+    def _drop_stale_locked(self, current_version: int) -> None:
+        eta = self.config.max_staleness
+        stale = [e for e in self._held.values() if version_lag(current_version, e.group) > eta]
+        for entry in stale:
+            del self._held[entry.seq]
+            self._held_trajectories -= entry.num_trajectories
+            self._held_tokens -= entry.num_tokens
+            self._filtered[FILTER_STALE] += 1
+            if self.controller is not None:
+                self.controller.on_discarded()
+        if stale:
+            self._cond.notify_all()
+
+    # -- helpers ----------------------------------------------------------------------
+    def _raise_if_closed(self, what: str) -> None:
+        if self._closed:
+            raise BufferClosed(f"{what} on a closed buffer")
+
+    def _wait_locked(self, deadline: float | None, what: str) -> None:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"timed out waiting for {what}; buffer stats: {self._stats_locked()}")
+        self._cond.wait(remaining)
+
+    # -- processes: feeder thread -------------------------------------------------------
+    def feed_from(self, source: Any, poll_interval: float = 0.05) -> threading.Thread:
+        """Start a daemon thread that puts every `Group` read from ``source`` (a
+        `multiprocessing.Queue` or `queue.Queue`). ``None`` stops it; an exception object
+        is recorded and re-raised (as the cause) by the next get_batch."""
+
+        def run() -> None:
+            while True:
+                try:
+                    item = source.get(timeout=poll_interval)
+                except queue_module.Empty:
+                    if self._closed:
+                        return
+                    continue
+                except (EOFError, OSError) as exc:  # the queue's pipe went away
+                    self._record_feeder_error(exc)
+                    return
+                if item is None:
+                    return
+                try:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if not isinstance(item, Group):
+                        raise TypeError(f"feeder expected a Group, got {type(item).__name__}")
+                    self.put(item)
+                except BufferClosed:
+                    return
+                except BaseException as exc:  # report, never die silently
+                    self._record_feeder_error(exc)
+                    return
+
+        thread = threading.Thread(target=run, name="trajectory-buffer-feeder", daemon=True)
+        with self._cond:
+            self._raise_if_closed("feed_from")
+            self._feeders.append(thread)
+        thread.start()
+        return thread
+
+    def _record_feeder_error(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._feeder_error is None:
+                self._feeder_error = exc
+            self._cond.notify_all()
+
+    # -- lifecycle & stats --------------------------------------------------------------
+    def close(self, join_timeout: float = 2.0) -> None:
+        """Refuse further puts and wake every waiter: blocked puts raise BufferClosed,
+        blocked gets raise BufferClosed unless enough groups are held. Held groups stay
+        available to get_batch. Feeder threads exit."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            feeders = list(self._feeders)
+        for thread in feeders:
+            if thread is not threading.current_thread():
+                thread.join(join_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._held)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return self._stats_locked()
+
+    def _stats_locked(self) -> dict[str, Any]:
+        return {
+            "held_groups": len(self._held),
+            "held_trajectories": self._held_trajectories,
+            "held_tokens": self._held_tokens,
+            "capacity_groups": self.config.capacity_groups,
+            "put": self._put,
+            "consumed": self._consumed,
+            "filtered": dict(self._filtered),
+            "put_waits": self._put_waits,
+            "consumed_max_lag": self._consumed_max_lag,
+            "last_batch_max_lag": self._last_batch_max_lag,
+            "closed": self._closed,
+        }
