@@ -1,0 +1,27 @@
+"""Held-out evaluation: greedy completions scored by the run's reward."""
+
+from __future__ import annotations
+
+import time
+
+from areal.rewards import RewardRequest
+from areal.rollout.types import SamplingParams
+
+CORRECT_ABOVE = 0.5  # a sample is correct when its reward exceeds this (math reward: 1 or 0)
+
+
+def evaluate(backend, reward_pool, tokenizer, prompts, max_new_tokens: int, stop_token_ids=()) -> dict[str, float]:
+    t0 = time.perf_counter()
+    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=list(stop_token_ids))
+    outputs = backend.generate([p.token_ids for p in prompts], params)
+    texts = tokenizer.batch_decode([o.token_ids for o in outputs], skip_special_tokens=True)
+    result = reward_pool.score(
+        [RewardRequest(prompt=p.text, completion=t, fields=p.fields) for p, t in zip(prompts, texts)]
+    )
+    correct = sum(r > CORRECT_ABOVE for r in result.rewards)
+    return {
+        "eval/accuracy": correct / max(1, len(prompts)),
+        "eval/reward_mean": sum(result.rewards) / max(1, len(prompts)),
+        "eval/response_length": sum(len(o.token_ids) for o in outputs) / max(1, len(outputs)),
+        "eval/seconds": time.perf_counter() - t0,
+    }

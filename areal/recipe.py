@@ -1,0 +1,61 @@
+"""The recipe schema: one typed section per component, composed here.
+
+Each section's dataclass lives beside its component; this file only gathers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal.data import DataConfig
+from areal.metrics import LoggingConfig
+from areal.model import ModelConfig
+from areal.options import option
+from areal.rewards.config import RewardConfig
+from areal.rollout.config import RolloutConfig
+from areal.trainer.config import TrainerConfig
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = option("", "Output folder; empty = runs/<recipe name>-<timestamp>.")
+    seed: int = option(1, "Seed for sampling, data order and initialisation.")
+    num_threads: int = option(
+        0, "torch threads per process (0 = all cores). On small CPUs this dominates speed."
+    )
+    device: str = option("auto", "auto = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
+    eval_every: int = option(20, "Evaluate held-out greedy accuracy every N steps (and at start and end).")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = option(ModelConfig(), "Policy model.")
+    data: DataConfig = option(DataConfig(), "Prompt data.")
+    rollout: RolloutConfig = option(RolloutConfig(), "Generation.")
+    reward: RewardConfig = option(RewardConfig(), "Reward function.")
+    trainer: TrainerConfig = option(TrainerConfig(), "Policy optimisation.")
+    logging: LoggingConfig = option(LoggingConfig(), "Metrics and console.")
+    run: RunConfig = option(RunConfig(), "Run-wide settings.")
+
+    def validate(self) -> None:
+        """Cross-field checks that single-field types cannot express."""
+        from areal.config import ConfigError
+
+        positive = {
+            "rollout.group_size": self.rollout.group_size,
+            "rollout.max_new_tokens": self.rollout.max_new_tokens,
+            "trainer.batch_size": self.trainer.batch_size,
+            "trainer.minibatches": self.trainer.minibatches,
+            "reward.num_workers": self.reward.num_workers,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
+        if self.trainer.steps < 0:
+            raise ConfigError(f"trainer.steps: must be >= 0, got {self.trainer.steps}")
+        if self.trainer.batch_size % self.trainer.minibatches:
+            raise ConfigError(
+                f"trainer.minibatches: {self.trainer.minibatches} must divide trainer.batch_size={self.trainer.batch_size}"
+            )
+        if self.reward.timeout_s <= 0:
+            raise ConfigError(f"reward.timeout_s: must be > 0, got {self.reward.timeout_s}")

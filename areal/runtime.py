@@ -1,0 +1,43 @@
+"""Process-wide setup: threads, seeds, device and the run folder."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+
+def set_threads(num_threads: int) -> int:
+    """Set torch's intra-op threads; on small CPUs this dominates small-model speed."""
+    n = num_threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_run_dir(run_dir: str, recipe_path: str | None) -> Path:
+    if not run_dir:
+        name = Path(recipe_path).stem if recipe_path else "default"
+        run_dir = f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = Path(run_dir)
+    suffix = 1
+    while (path / "summary.json").exists() or (path / "metrics.jsonl").exists():
+        path = Path(f"{run_dir}-{suffix}")  # never append to or overwrite an earlier run
+        suffix += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,71 @@
+"""`python -m areal.train recipe=PATH key=value ... [--help] [--dry-run]`"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from areal.config import ConfigError, build, help_text, to_yaml
+from areal.recipe import Recipe
+
+USAGE = "usage: python -m areal.train recipe=PATH [section.key=value ...] [--dry-run] [--help]"
+
+
+def print_help() -> None:
+    """Every key with its type, default and help, section by section."""
+    import textwrap
+
+    print(USAGE)
+    print("Keys are set in the recipe YAML or as section.key=value; an unknown key is an error.")
+    section = None
+    for key, type_name, default, text in help_text(Recipe):
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            print(f"\n[{section}]")
+        print(f"  {key}  ({type_name}; default {default})")
+        print(textwrap.indent(textwrap.fill(text, 88), "      "))
+
+
+def parse_args(argv: list[str]) -> tuple[Recipe, str | None, bool]:
+    flags = {a for a in argv if a.startswith("--")}
+    unknown_flags = flags - {"--dry-run", "--help", "-h"}
+    if unknown_flags:
+        raise ConfigError(f"unknown flag(s) {sorted(unknown_flags)}; {USAGE}")
+    pairs = [a for a in argv if not a.startswith("-")]
+    recipe_path = None
+    overrides = []
+    for arg in pairs:
+        if arg.startswith("recipe="):
+            recipe_path = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return build(Recipe, recipe_path, overrides), recipe_path, "--dry-run" in flags
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print_help()
+        return 0
+    try:
+        recipe, recipe_path, dry_run = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(to_yaml(recipe), end="")
+        return 0
+    logging.basicConfig(level=recipe.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from areal.data import DataError
+    from areal.loop import train
+
+    try:
+        train(recipe, recipe_path)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""Rollout settings: which backend generates, and how it samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal.options import option
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = option(
+        "hf",
+        "Generation backend: 'engine' (areal's paged continuous-batching engine) or 'hf' "
+        "(Hugging Face generate, the reference and baseline).",
+        choices=("hf", "engine"),
+    )
+    group_size: int = option(8, "Samples per prompt (the GRPO group size n).")
+    temperature: float = option(1.0, "Sampling temperature for training rollouts; the loss uses the same one.")
+    top_p: float = option(1.0, "Nucleus sampling threshold (1.0 = off).")
+    top_k: int = option(0, "Top-k sampling (0 = off).")
+    max_new_tokens: int = option(8, "Longest completion sampled for training.")
+    eval_max_new_tokens: int = option(8, "Longest greedy completion during evaluation.")
+    stop: list[str] = option([], "Extra stop strings (the model's EOS always stops).")
+    weight_update_mode: str = option(
+        "keep",
+        "What in-flight sequences do when new weights arrive: 'keep' their KV cache, or "
+        "'recompute' it under the new weights. Each token records its version either way.",
+        choices=("keep", "recompute"),
+    )
+    batch_size: int = option(256, "Most sequences the backend decodes at once.")
