@@ -110,6 +110,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise bad
     if tp is str:
         if isinstance(value, str):
@@ -126,6 +131,9 @@ def _apply(cfg: Any, values: dict[str, Any], prefix: str, source: str, root_cls)
     for name, value in values.items():
         key = f"{prefix}{name}"
         if name not in fields:
+            while isinstance(value, dict) and value:  # name the full dotted key, e.g. trainr.lr
+                sub = next(iter(value))
+                key, value = f"{key}.{sub}", value[sub]
             raise ConfigError(f"unknown key '{key}' in {source}{_nearest(key, root_cls)}")
         tp = hints[name]
         if is_config(tp):
@@ -162,8 +170,6 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep the literal string
-    if isinstance(value, float) and raw.strip().lower() in ("nan", "inf", "-inf", ".nan"):
-        value = float(raw)
     return key, value
 
 
