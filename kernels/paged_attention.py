@@ -1,0 +1,148 @@
+"""Paged attention over a block-structured KV cache: PyTorch reference (used on CPU).
+
+Layout (one layer): ``k_cache``/``v_cache`` are ``[num_blocks * block_size, Hkv, D]``; the
+token at logical position ``p`` of a sequence with block table ``bt`` lives at slot
+``bt[p // block_size] * block_size + p % block_size``.
+
+Varlen attention: sequence ``b`` has ``n_b`` new query tokens, which are the LAST ``n_b``
+positions of its ``context_len_b`` cached tokens (their K/V were written first). Query at
+position ``q`` attends keys ``j`` with ``j <= q`` (and ``j > q - window`` for a sliding window):
+
+    out_q = softmax(scale * q . K_j^T  over allowed j) @ V_j
+
+GQA: query head ``h`` reads kv head ``h // (H / Hkv)``. Pure torch; imports nothing of areal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k_cache[slot_mapping[t]] = key[t] (same for v). key/value: [T, Hkv, D]; caches: [S, Hkv, D]."""
+    k_cache.index_copy_(0, slot_mapping, key)
+    v_cache.index_copy_(0, slot_mapping, value)
+
+
+def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Slot of every cached position: [B, Lmax] with Lmax = max(context_lens); padded positions -> slot 0.
+
+    slot[b, j] = block_tables[b, j // block_size] * block_size + j % block_size
+    """
+    max_len = int(context_lens.max())
+    pos = torch.arange(max_len, device=block_tables.device)
+    blocks = block_tables[:, pos // block_size]  # [B, Lmax]
+    slots = blocks * block_size + pos % block_size
+    return torch.where(pos[None, :] < context_lens[:, None], slots, torch.zeros_like(slots))
+
+
+@dataclass
+class VarlenPlan:
+    """Per-step gather/scatter indices, built once and reused by every layer."""
+
+    key_slots: torch.Tensor  # [B, L] cache slot of each key position (0 where padded)
+    allowed: torch.Tensor  # [B, 1, Q, L] bool: query q of sequence b may attend key j
+    query_index: torch.Tensor  # [B, Q] row of the packed query tensor (0 where padded)
+    query_valid: torch.Tensor  # [B, Q] bool
+    packed_rows: torch.Tensor  # [T'] flat index into [B*Q] for the valid queries, in packed order
+
+
+def build_varlen_plan(
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    block_size: int,
+    sliding_window: int | None = None,
+) -> VarlenPlan:
+    """Indices for attention of ``query_lens[b]`` new tokens per sequence (packed in sequence order)."""
+    device = block_tables.device
+    num_seqs = block_tables.shape[0]
+    max_q = int(query_lens.max())
+    key_slots = context_slots(block_tables, context_lens, block_size)
+    max_k = key_slots.shape[1]
+    qi = torch.arange(max_q, device=device)
+    query_valid = qi[None, :] < query_lens[:, None]  # [B, Q]
+    starts = torch.cumsum(query_lens, 0) - query_lens
+    query_index = torch.where(query_valid, starts[:, None] + qi[None, :], torch.zeros_like(qi)[None, :])
+    # absolute position of query slot qi of sequence b (only meaningful where valid)
+    qpos = context_lens[:, None] - query_lens[:, None] + qi[None, :]  # [B, Q]
+    kj = torch.arange(max_k, device=device)
+    allowed = kj[None, None, :] <= qpos[:, :, None]
+    if sliding_window is not None:
+        allowed &= kj[None, None, :] > qpos[:, :, None] - sliding_window
+    # padded query rows attend key 0 only, so softmax has no empty row (their output is dropped)
+    allowed = torch.where(query_valid[:, :, None], allowed, (kj == 0)[None, None, :])
+    packed_rows = (torch.arange(num_seqs, device=device)[:, None] * max_q + qi[None, :])[query_valid]
+    return VarlenPlan(key_slots, allowed[:, None], query_index, query_valid, packed_rows)
+
+
+def paged_attention_planned(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: VarlenPlan, scale: float
+) -> torch.Tensor:
+    """Varlen paged attention with a prebuilt plan. query: [T, H, D] packed -> [T, H, D]."""
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[1]
+    q = query[plan.query_index].transpose(1, 2)  # [B, H, Q, D]
+    k = k_cache[plan.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache[plan.key_slots].transpose(1, 2)
+    if num_kv_heads != num_heads:
+        rep = num_heads // num_kv_heads
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale)  # [B, H, Q, D]
+    out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
+    return out[plan.packed_rows]
+
+
+def paged_attention_varlen(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    query_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Reference varlen paged attention (prefill chunks and decode alike). query: [T, H, D]."""
+    plan = build_varlen_plan(block_tables, context_lens, query_lens, block_size, sliding_window)
+    return paged_attention_planned(query, k_cache, v_cache, plan, scale)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_size: int,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Reference decode step: one query per sequence at position context_len - 1. query: [B, H, D]."""
+    ones = torch.ones_like(context_lens)
+    return paged_attention_varlen(
+        query, k_cache, v_cache, block_tables, context_lens, ones, scale, block_size, sliding_window
+    )
+
+
+def naive_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """Dense causal attention of one sequence's last Q positions over its L keys (test oracle).
+
+    query [Q, H, D], keys/values [L, Hkv, D] -> [Q, H, D], written with explicit loops-free math.
+    """
+    num_q, num_heads, _ = query.shape
+    rep = num_heads // keys.shape[1]
+    k = keys.repeat_interleave(rep, dim=1)
+    v = values.repeat_interleave(rep, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query, k) * scale
+    total = keys.shape[0]
+    qpos = torch.arange(total - num_q, total)[:, None]
+    scores = scores.masked_fill(torch.arange(total)[None, :] > qpos, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)

@@ -1,0 +1,230 @@
+"""areal Engine: parity with HF generate, groups, preemption, log-probs, weight updates, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+from areal.rollout import Engine, SamplingParams
+
+torch.set_num_threads(1)
+
+VOCAB = 48
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30], [40, 2, 33]]
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    initializer_range=0.3,  # large weights: well-separated logits, so greedy argmax is not a numerical coin flip
+    max_position_embeddings=256,
+)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaConfig(**COMMON, tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(**COMMON, tie_word_embeddings=True),
+    "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=32, tie_word_embeddings=True),
+    "mistral": lambda: transformers.MistralConfig(**COMMON, sliding_window=6),
+}
+
+
+def make_model(family: str = "qwen2", seed: int = 0, eos: int | None = None):
+    torch.manual_seed(seed)
+    cfg = FAMILIES[family]()
+    cfg.eos_token_id = eos
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.generation_config.eos_token_id = eos
+    return model
+
+
+def hf_greedy(model, prompt, max_new_tokens, eos=None):
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_matches_hf_generate(family):
+    model = make_model(family)
+    # pick an eos the model actually emits for prompt 0, so stopping is exercised
+    eos = hf_greedy(model, PROMPTS[0], 10)[3]
+    model.generation_config.eos_token_id = eos
+    model.config.eos_token_id = eos
+    expected = [hf_greedy(model, p, 10, eos) for p in PROMPTS]
+    assert len(expected[0]) <= 4 and expected[0][-1] == eos
+    # small token budget: prompts are chunked and mixed with other sequences' decode steps
+    engine = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=6)
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=10))
+    assert [o.token_ids for o in outs] == expected
+    assert outs[0].finish_reason == "stop"
+    for o in outs:
+        assert len(o.token_ids) == len(o.logprobs) == len(o.versions)
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_group_shares_prompt_and_gives_identical_greedy_samples():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    outs = engine.generate(PROMPTS, SamplingParams(n=3, temperature=0, max_new_tokens=6))
+    assert [o.prompt_index for o in outs] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    for i, p in enumerate(PROMPTS):
+        expected = hf_greedy(model, p, 6)
+        assert [o.token_ids for o in outs[3 * i : 3 * i + 3]] == [expected] * 3
+    stats = engine.stats()
+    assert stats["prefill_tokens_saved"] == 2 * sum(len(p) for p in PROMPTS)
+    assert stats["prefill_tokens"] == sum(len(p) for p in PROMPTS)
+    assert stats["kv_blocks_used"] == 0
+
+
+def test_preemption_with_tiny_pool_keeps_outputs_exact():
+    model = make_model("llama")
+    expected = [hf_greedy(model, p, 12) for p in PROMPTS]
+    # 8 blocks x 4 slots = 32 tokens for 4 sequences of up to 23 tokens: must preempt
+    engine = Engine(model, num_blocks=8, block_size=4)
+    outs = engine.generate(PROMPTS, SamplingParams(n=2, temperature=0, max_new_tokens=12))
+    assert [o.token_ids for o in outs] == [e for e in expected for _ in range(2)]
+    assert engine.stats()["preemptions"] > 0
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_sampled_logprobs_match_full_forward():
+    model = make_model("qwen3")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    temp = 0.7
+    outs = engine.generate(PROMPTS, SamplingParams(n=3, temperature=temp, max_new_tokens=8, seed=1))
+    for o in outs:
+        seq = PROMPTS[o.prompt_index] + o.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([seq])).logits[0, len(PROMPTS[o.prompt_index]) - 1 : -1]
+        ref = torch.log_softmax(logits / temp, -1).gather(-1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4), (o.logprobs, ref)
+    # sampling differs across the group's samples (not n copies of one sample)
+    assert len({tuple(o.token_ids) for o in outs[:3]}) > 1
+
+
+def test_greedy_logprob_is_plain_softmax_and_topk_restricts_support():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    p = PROMPTS[0]
+    out = engine.generate([p], SamplingParams(temperature=0, max_new_tokens=1))[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([p])).logits[0, -1]
+    assert out.token_ids[0] == int(logits.argmax())
+    assert out.logprobs[0] == pytest.approx(float(torch.log_softmax(logits, -1).max()), abs=1e-5)
+    outs = engine.generate([p], SamplingParams(n=16, temperature=2.0, top_k=2, max_new_tokens=1, seed=3))
+    top2 = logits.topk(2).indices.tolist()
+    assert {o.token_ids[0] for o in outs} <= set(top2)
+    renorm = torch.log_softmax(logits[top2] / 2.0, -1)
+    for o in outs:
+        assert o.logprobs[0] == pytest.approx(float(renorm[top2.index(o.token_ids[0])]), abs=1e-5)
+
+
+def test_seed_reproduces_samples_regardless_of_batch():
+    model = make_model("qwen2")
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=123)
+    a = Engine(model, num_blocks=64, block_size=4).generate(PROMPTS, params)
+    b = Engine(model, num_blocks=64, block_size=4, max_num_batched_tokens=5).generate(PROMPTS, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    c = Engine(model, num_blocks=64, block_size=4).generate(PROMPTS, SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=124))
+    assert [o.token_ids for o in a] != [o.token_ids for o in c]
+
+
+def _perturbed_weights(model, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    return {name: p.detach() + 0.3 * torch.randn(p.shape, generator=gen) for name, p in model.named_parameters()}
+
+
+def test_recompute_update_continues_like_fresh_engine_with_new_weights():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    params = SamplingParams(temperature=0, max_new_tokens=10)
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(p, params, prompt_index=i)
+    done = {}
+    for _ in range(4):
+        for rid, out in engine.step():
+            done[rid] = out
+    assert not done  # all in flight
+    new = _perturbed_weights(model)
+    engine.begin_update(1)
+    engine.load_bucket(list(new.items())[:5])
+    engine.load_bucket(list(new.items())[5:])
+    engine.finish_update(1, mode="recompute")
+    while engine.has_unfinished():
+        for rid, out in engine.step():
+            done[rid] = out
+    new_model = make_model("qwen2")
+    new_model.load_state_dict(new, strict=False)
+    for rid, out in done.items():
+        k = out.versions.count(0)
+        assert 0 < k < 10 and out.versions == [0] * k + [1] * (10 - k)
+        prompt = PROMPTS[out.prompt_index]
+        assert out.token_ids[:k] == hf_greedy(model, prompt, k)
+        fresh = Engine(new_model, num_blocks=64, block_size=4)
+        cont = fresh.generate([prompt + out.token_ids[:k]], SamplingParams(temperature=0, max_new_tokens=10 - k))[0]
+        assert out.token_ids[k:] == cont.token_ids
+
+
+def test_keep_update_records_both_versions():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    rid = engine.add_request(PROMPTS[0], SamplingParams(n=2, temperature=0, max_new_tokens=8))
+    for _ in range(3):
+        assert engine.step() == []
+    engine.update_weights(5, _perturbed_weights(model), mode="keep")
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for r, o in engine.step() if r == rid]
+    assert len(outs) == 2
+    for o in outs:
+        assert o.versions[0] == 0 and o.versions[-1] == 5 and len(o.versions) == 8
+
+
+def test_streaming_returns_early_finishers_and_abort():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    seen = []
+    short = engine.add_request(PROMPTS[1], SamplingParams(max_new_tokens=2, temperature=0), on_finish=lambda r, o: seen.append(r))
+    long = engine.add_request(PROMPTS[0], SamplingParams(max_new_tokens=30, temperature=0), on_finish=lambda r, o: seen.append(r))
+    doomed = engine.add_request(PROMPTS[2], SamplingParams(n=2, max_new_tokens=30, temperature=0))
+    steps = 0
+    while short not in seen:
+        engine.step()
+        steps += 1
+    assert steps == 2 and engine.stats()["running"] == 3  # long + 2 samples of doomed still running
+    aborted = engine.abort(doomed)
+    assert [o.finish_reason for o in aborted] == ["abort", "abort"] and len(aborted[0].token_ids) == 2
+    assert engine.stats()["running"] == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert seen == [short, long]
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+class CharTokenizer:
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_stop_token_ids_and_stop_strings():
+    model = make_model("qwen2")
+    free = hf_greedy(model, PROMPTS[0], 8)
+    engine = Engine(model, num_blocks=64, block_size=4, tokenizer=CharTokenizer())
+    out = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=8, stop_token_ids=[free[2]]))[0]
+    assert out.token_ids == free[: free.index(free[2]) + 1] and out.finish_reason == "stop"
+    stop = CharTokenizer().decode(free[3:5])
+    out = engine.generate([PROMPTS[0]], SamplingParams(temperature=0, max_new_tokens=8, stop=[stop]))[0]
+    assert CharTokenizer().decode(out.token_ids).endswith(stop) and out.finish_reason == "stop"
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model, num_blocks=8, block_size=4).add_request([1, 2], SamplingParams(stop=["x"]))
+
+
+def test_unsupported_model_type_is_named():
+    cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)
+    with pytest.raises(ValueError, match="gpt2"):
+        Engine(AutoModelForCausalLM.from_config(cfg), num_blocks=4, block_size=4)
