@@ -1,0 +1,113 @@
+"""The reward worker process: load the function once, then score items until the pipe closes.
+
+Kept apart from pool.py so a worker imports only this, the loader and the reward's module.
+A worker is a fresh interpreter started by `BOOTSTRAP` (see pool.py for why not
+multiprocessing's spawn/forkserver): it reads (fn_spec, sys_path, parent_pid) from the pipe,
+sets its sys.path to the parent's and only then imports areal.
+
+Protocol over one duplex pipe (multiprocessing.connection framing, pickled messages):
+  parent -> worker: (fn_spec, sys_path, parent_pid) once; then batches, each a list of
+                    pickled items (index, prompt, completion, fields); None to stop
+  worker -> parent: ("ready", pid) once the function is loaded, or ("load_error", text);
+                    then one (index, kind, value, detail) per item, in the order received,
+                    with kind "ok" | "error" | "nan" | "non_number".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import numbers
+import os
+import pickle
+import signal
+import sys
+import traceback
+from typing import Any
+
+_DETAIL_CHARS = 4000
+
+
+# Run with `python -c BOOTSTRAP <fd>`: stdlib-only until sys.path is the parent's.
+BOOTSTRAP = (
+    "import sys\n"
+    "from multiprocessing.connection import Connection\n"
+    "conn = Connection(int(sys.argv[1]))\n"
+    "fn_spec, sys.path[:], parent_pid = conn.recv()\n"
+    "from areal.rewards._worker import worker_main\n"
+    "worker_main(conn, fn_spec, parent_pid)\n"
+)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the thread that started it exits, even by SIGKILL.
+
+    (The pool starts workers from one long-lived thread, so that means "when the parent
+    exits".) Elsewhere the worker still exits at EOF on its pipe.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except Exception:  # best effort
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def classify(value: Any) -> tuple[str, float, str]:
+    """(kind, reward, detail) for a reward function's return value.
+
+    Accepted: bool, int, float, any numbers.Real, and 0-dim numeric arrays/tensors
+    (via .item()). NaN/inf -> "nan"; anything else -> "non_number".
+    """
+    if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
+        value = value.item()  # numpy / torch scalar
+    if isinstance(value, numbers.Real) and not isinstance(value, complex):
+        try:
+            reward = float(value)
+        except (OverflowError, ValueError, TypeError) as exc:
+            return "nan", 0.0, f"returned {value!r:.200} ({exc})"
+        if math.isfinite(reward):
+            return "ok", reward, ""
+        return "nan", 0.0, f"returned {reward!r}"
+    return "non_number", 0.0, f"returned {type(value).__name__}: {value!r:.200}"
+
+
+def worker_main(conn, fn_spec: str, parent_pid: int) -> None:
+    """Entry point of a worker process (see module docstring for the protocol)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with_parent(parent_pid)
+    try:
+        from areal.rewards.loader import load_reward_fn
+
+        fn = load_reward_fn(fn_spec)
+    except BaseException:
+        conn.send(("load_error", traceback.format_exc()[-_DETAIL_CHARS:]))
+        return
+    if "torch" in sys.modules:  # many workers x many torch threads would oversubscribe the CPU
+        sys.modules["torch"].set_num_threads(1)
+    loop = asyncio.new_event_loop()  # reused across async calls: cheaper than asyncio.run each time
+    conn.send(("ready", os.getpid()))
+
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return  # parent closed the pipe or exited
+        if batch is None:
+            return
+        for blob in batch:
+            index, prompt, completion, fields = pickle.loads(blob)
+            try:
+                value = fn(prompt, completion, **fields)
+                if inspect.isawaitable(value):
+                    value = loop.run_until_complete(value)
+                kind, reward, detail = classify(value)
+            except (Exception, SystemExit):  # sys.exit() in a reward fn is a failure, not a crash
+                kind, reward, detail = "error", 0.0, traceback.format_exc()[-_DETAIL_CHARS:]
+            conn.send((index, kind, reward, detail))
