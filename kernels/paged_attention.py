@@ -29,27 +29,16 @@ def write_kv_cache(
     v_cache.index_copy_(0, slot_mapping, value)
 
 
-def context_slots(block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Slot of every cached position: [B, Lmax] with Lmax = max(context_lens); padded positions -> slot 0.
-
-    slot[b, j] = block_tables[b, j // block_size] * block_size + j % block_size
-    """
-    max_len = int(context_lens.max())
-    pos = torch.arange(max_len, device=block_tables.device)
-    blocks = block_tables[:, pos // block_size]  # [B, Lmax]
-    slots = blocks * block_size + pos % block_size
-    return torch.where(pos[None, :] < context_lens[:, None], slots, torch.zeros_like(slots))
-
-
 @dataclass
 class VarlenPlan:
     """Per-step gather/scatter indices, built once and reused by every layer."""
 
-    key_slots: torch.Tensor  # [B, L] cache slot of each key position (0 where padded)
-    allowed: torch.Tensor  # [B, 1, Q, L] bool: query q of sequence b may attend key j
-    query_index: torch.Tensor  # [B, Q] row of the packed query tensor (0 where padded)
-    query_valid: torch.Tensor  # [B, Q] bool
-    packed_rows: torch.Tensor  # [T'] flat index into [B*Q] for the valid queries, in packed order
+    block_index: torch.Tensor  # [B * M] block ids of each sequence's table (M = padded table width)
+    num_seqs: int
+    table_width: int  # M
+    allowed: torch.Tensor  # [B, 1, Q, M * block_size] bool: query q of sequence b may attend key j
+    query_index: torch.Tensor | None  # [B, Q] row of the packed query tensor (None: one query per sequence)
+    packed_rows: torch.Tensor | None  # flat index into [B*Q] of the valid queries, in packed order
 
 
 def build_varlen_plan(
@@ -59,26 +48,35 @@ def build_varlen_plan(
     block_size: int,
     sliding_window: int | None = None,
 ) -> VarlenPlan:
-    """Indices for attention of ``query_lens[b]`` new tokens per sequence (packed in sequence order)."""
+    """Indices for attention of ``query_lens[b]`` new tokens per sequence (packed in sequence order).
+
+    Keys are gathered a whole block at a time (contiguous block_size*Hkv*D copies), so the key axis
+    is padded to M * block_size and masked by position.
+    """
     device = block_tables.device
-    num_seqs = block_tables.shape[0]
+    num_seqs, width = block_tables.shape
     max_q = int(query_lens.max())
-    key_slots = context_slots(block_tables, context_lens, block_size)
-    max_k = key_slots.shape[1]
     qi = torch.arange(max_q, device=device)
     query_valid = qi[None, :] < query_lens[:, None]  # [B, Q]
-    starts = torch.cumsum(query_lens, 0) - query_lens
-    query_index = torch.where(query_valid, starts[:, None] + qi[None, :], torch.zeros_like(qi)[None, :])
-    # absolute position of query slot qi of sequence b (only meaningful where valid)
-    qpos = context_lens[:, None] - query_lens[:, None] + qi[None, :]  # [B, Q]
-    kj = torch.arange(max_k, device=device)
+    qpos = context_lens[:, None] - query_lens[:, None] + qi[None, :]  # absolute position of each query slot
+    kj = torch.arange(width * block_size, device=device)
     allowed = kj[None, None, :] <= qpos[:, :, None]
     if sliding_window is not None:
         allowed &= kj[None, None, :] > qpos[:, :, None] - sliding_window
+    if max_q == 1:
+        return VarlenPlan(block_tables.reshape(-1), num_seqs, width, allowed[:, None], None, None)
+    starts = torch.cumsum(query_lens, 0) - query_lens
+    query_index = torch.where(query_valid, starts[:, None] + qi[None, :], torch.zeros_like(qi)[None, :])
     # padded query rows attend key 0 only, so softmax has no empty row (their output is dropped)
     allowed = torch.where(query_valid[:, :, None], allowed, (kj == 0)[None, None, :])
     packed_rows = (torch.arange(num_seqs, device=device)[:, None] * max_q + qi[None, :])[query_valid]
-    return VarlenPlan(key_slots, allowed[:, None], query_index, query_valid, packed_rows)
+    return VarlenPlan(block_tables.reshape(-1), num_seqs, width, allowed[:, None], query_index, packed_rows)
+
+
+def gather_blocks(cache: torch.Tensor, plan: VarlenPlan, block_size: int) -> torch.Tensor:
+    """[slots, Hkv, D] cache -> [B, Hkv, M * block_size, D] (a strided view of one contiguous gather)."""
+    blocks = cache.view(-1, block_size, *cache.shape[1:]).index_select(0, plan.block_index)
+    return blocks.view(plan.num_seqs, plan.table_width * block_size, *cache.shape[1:]).transpose(1, 2)
 
 
 def paged_attention_planned(
@@ -86,15 +84,16 @@ def paged_attention_planned(
 ) -> torch.Tensor:
     """Varlen paged attention with a prebuilt plan. query: [T, H, D] packed -> [T, H, D]."""
     num_heads, head_dim = query.shape[1], query.shape[2]
-    num_kv_heads = k_cache.shape[1]
+    block_size = plan.allowed.shape[-1] // plan.table_width
+    k = gather_blocks(k_cache, plan, block_size)
+    v = gather_blocks(v_cache, plan, block_size)
+    gqa = k.shape[1] != num_heads
+    if plan.query_index is None:  # one query per sequence (decode)
+        q = query[:, :, None]  # [B, H, 1, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale, enable_gqa=gqa)
+        return out[:, :, 0]
     q = query[plan.query_index].transpose(1, 2)  # [B, H, Q, D]
-    k = k_cache[plan.key_slots].transpose(1, 2)  # [B, Hkv, L, D]
-    v = v_cache[plan.key_slots].transpose(1, 2)
-    if num_kv_heads != num_heads:
-        rep = num_heads // num_kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale)  # [B, H, Q, D]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.allowed, scale=scale, enable_gqa=gqa)
     out = out.transpose(1, 2).reshape(-1, num_heads, head_dim)  # [B*Q, H, D]
     return out[plan.packed_rows]
 
