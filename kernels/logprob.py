@@ -58,13 +58,16 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
 # ---- per-chunk row operations (torch); the Triton module provides the same two ----------
 
 
-def _chunk_stats_torch(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse) of each row of float32 logits z [c, V]. Overwrites z."""
+def _chunk_stats_torch(z: Tensor, labels: Tensor, scratch: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(logp, entropy, lse) of each row of float32 logits z [c, V]. Overwrites z.
+
+    scratch: optional reusable [c, V] float32 buffer for exp(z) (saves page faults).
+    """
     safe = labels.clamp(min=0).unsqueeze(1)
     label_logit = z.gather(1, safe).squeeze(1)
     m = z.amax(dim=1, keepdim=True)
     z.sub_(m)  # z' = z - max <= 0, so exp cannot overflow
-    e = torch.exp(z)
+    e = torch.exp(z) if scratch is None else torch.exp(z, out=scratch)
     s = e.sum(dim=1)
     # sum_j e_j z'_j as a batched dot product: no [c, V] temporary
     t = torch.bmm(e.unsqueeze(1), z.unsqueeze(2)).view(-1)
@@ -78,12 +81,18 @@ def _chunk_stats_torch(z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 
 def _chunk_grad_torch(
-    z: Tensor, labels: Tensor, lse: Tensor, entropy: Tensor, g_lp: Tensor | None, g_ent: Tensor | None
+    z: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    g_lp: Tensor | None,
+    g_ent: Tensor | None,
+    scratch: Tensor | None = None,
 ) -> Tensor:
     """d loss / d z for float32 logits z [c, V], computed in place into z (returned)."""
     z.sub_(lse.unsqueeze(1))  # z is now log p
     if g_ent is not None:
-        p = torch.exp(z)
+        p = torch.exp(z) if scratch is None else torch.exp(z, out=scratch)
         # -e * p * (log p + H)
         z.add_(entropy.unsqueeze(1)).mul_(p).mul_(-g_ent.unsqueeze(1))
         if g_lp is not None:
@@ -118,12 +127,17 @@ def _row_ops(device: torch.device, backend: str):
     return _chunk_stats_torch, _chunk_grad_torch
 
 
-def _chunk_logits(h: Tensor, w32: Tensor, b32: Tensor | None, inv_t: float) -> Tensor:
-    """float32 (h W^T + b) / T for one chunk; scaling h (and b) is cheaper than scaling z."""
+def _chunk_logits(h: Tensor, w32: Tensor, b32: Tensor | None, inv_t: float, out: Tensor) -> Tensor:
+    """float32 (h W^T + b) / T for one chunk into `out`; scaling h (and b) is cheaper than z."""
     h = h.float() * inv_t
     if b32 is None:
-        return h @ w32.t()
-    return torch.addmm(b32 * inv_t, h, w32.t())
+        return torch.mm(h, w32.t(), out=out)
+    return torch.addmm(b32 * inv_t, h, w32.t(), out=out)
+
+
+def _buffers(n: int, chunk_size: int, v: int, device: torch.device, count: int) -> list[Tensor]:
+    """[min(chunk, n), V] float32 buffers reused by every chunk (one allocation, no re-faulting)."""
+    return [torch.empty(min(chunk_size, n), v, dtype=torch.float32, device=device) for _ in range(count)]
 
 
 class _LogprobEntropy(torch.autograd.Function):
@@ -137,11 +151,15 @@ class _LogprobEntropy(torch.autograd.Function):
         logp = hidden.new_empty(n, dtype=torch.float32)
         entropy = torch.empty_like(logp)
         lse = torch.empty_like(logp)
+        torch_path = stats_fn is _chunk_stats_torch
+        bufs = _buffers(n, chunk_size, weight.shape[0], hidden.device, 2 if torch_path else 1)
         for s in range(0, n, chunk_size):
             sl = slice(s, s + chunk_size)
-            z = _chunk_logits(hidden[sl], w32, b32, inv_t)
-            logp[sl], entropy[sl], lse[sl] = stats_fn(z, labels[sl])
-            del z
+            c = min(chunk_size, n - s)
+            z = _chunk_logits(hidden[sl], w32, b32, inv_t, out=bufs[0][:c])
+            extra = {"scratch": bufs[1][:c]} if torch_path else {}
+            logp[sl], entropy[sl], lse[sl] = stats_fn(z, labels[sl], **extra)
+        del bufs
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.inv_t, ctx.chunk_size, ctx.grad_fn = inv_t, chunk_size, grad_fn
         ctx.set_materialize_grads(False)  # unused output -> None grad: skip its work
@@ -157,16 +175,22 @@ class _LogprobEntropy(torch.autograd.Function):
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros_like(w32) if need_w else None
         grad_b = torch.zeros_like(b32) if need_b else None
-        for s in range(0, hidden.shape[0], chunk_size):
+        n = hidden.shape[0]
+        torch_path = ctx.grad_fn is _chunk_grad_torch
+        two = torch_path and g_entropy is not None  # exp(z) scratch only for the entropy grad
+        bufs = _buffers(n, chunk_size, weight.shape[0], hidden.device, 2 if two else 1)
+        for s in range(0, n, chunk_size):
             sl = slice(s, s + chunk_size)
+            c = min(chunk_size, n - s)
             # ignored labels (< 0) have a constant log-prob of 0: no gradient through it
             g_lp = None if g_logp is None else g_logp[sl].float().masked_fill(labels[sl] < 0, 0.0)
             g_ent = None if g_entropy is None else g_entropy[sl].float()
             if g_lp is None and g_ent is None:
                 continue
             h = hidden[sl]
-            z = _chunk_logits(h, w32, b32, inv_t)
-            g = ctx.grad_fn(z, labels[sl], lse[sl], entropy[sl], g_lp, g_ent)  # d loss / d z, in place
+            z = _chunk_logits(h, w32, b32, inv_t, out=bufs[0][:c])
+            extra = {"scratch": bufs[1][:c]} if two else {}
+            g = ctx.grad_fn(z, labels[sl], lse[sl], entropy[sl], g_lp, g_ent, **extra)  # dL/dz in place
             if need_h:
                 torch.mm(g, w32, out=grad_h[sl])
                 grad_h[sl].mul_(inv_t)
@@ -174,7 +198,6 @@ class _LogprobEntropy(torch.autograd.Function):
                 grad_w.addmm_(g.t(), h.float(), alpha=inv_t)
             if need_b:
                 grad_b.add_(g.sum(0), alpha=inv_t)
-            del z, g
         if g_logp is None and g_entropy is None and need_h:
             grad_h.zero_()
         return (
