@@ -58,7 +58,7 @@ class StepContext:
 
 
 def _decode_attention(q, k_cache, v_cache, ctx: StepContext, scale: float, window: int | None) -> torch.Tensor:
-    if q.is_cuda and window is None:
+    if q.is_cuda and window is None and ctx.block_size & (ctx.block_size - 1) == 0:
         from areal.kernels.paged_attention_triton import paged_attention_decode_triton
 
         return paged_attention_decode_triton(
