@@ -44,8 +44,12 @@ logger = logging.getLogger("areal.rewards")
 
 FAILURE_KINDS = ("error", "timeout", "nan", "non_number")
 
-# Items in flight per worker; a new batch is sent once half have come back.
-_PIPELINE_DEPTH = 16
+# Items in flight per worker: enough that a worker never idles waiting for the parent, few
+# enough that slow items do not pile up behind one worker. Adapted to the measured time per
+# item (depth ~ _PIPELINE_SECONDS / item time); a new batch is sent once half have come back.
+_MAX_PIPELINE_DEPTH = 16
+_MIN_PIPELINE_DEPTH = 2
+_PIPELINE_SECONDS = 0.01
 # Bytes that may sit unread in a busy worker's pipe. Kept well under the socket buffer
 # (~200 KiB on Linux) so that a send to a worker stuck in C code can never block the parent.
 _PIPE_BYTE_BUDGET = 64 * 1024
@@ -166,6 +170,7 @@ class RewardPool:
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="areal-reward-spawner")
         self._logged_failures = 0
         self._startup_failures = 0
+        self._item_seconds = 0.0  # moving average of one call's time, as seen by the parent
         self._lock = threading.Lock()
         self._closed = False
         self._workers: list[_Worker] = []
@@ -313,15 +318,22 @@ class _ScoringRun:
             return worker.head_started + self.pool.timeout_s
         return math.inf
 
+    def _pipeline_depth(self) -> int:
+        seconds = self.pool._item_seconds
+        if seconds <= 0:
+            return _MIN_PIPELINE_DEPTH
+        return max(_MIN_PIPELINE_DEPTH, min(_MAX_PIPELINE_DEPTH, int(_PIPELINE_SECONDS / seconds)))
+
     def _dispatch(self) -> None:
         ready = [w for w in self.pool._workers if w.ready]
+        depth = self._pipeline_depth()
         for worker in ready:
             if not self.queue:
                 return
-            if len(worker.pending) > _PIPELINE_DEPTH // 2:
+            if len(worker.pending) > depth // 2:
                 continue
             # Fair share of what is left, so the tail of a call is spread over all workers.
-            take = min(_PIPELINE_DEPTH - len(worker.pending), -(-len(self.queue) // len(ready)))
+            take = min(depth - len(worker.pending), -(-len(self.queue) // len(ready)))
             batch: list[tuple[int, bytes]] = []
             batch_bytes = 0
             while self.queue and len(batch) < take:
@@ -367,7 +379,9 @@ class _ScoringRun:
         head_index, blob = worker.pending.popleft()
         assert head_index == index, f"reward worker answered {index}, expected {head_index}"
         worker.pending_bytes -= len(blob)
-        worker.head_started = time.monotonic()
+        now = time.monotonic()
+        self.pool._item_seconds = 0.9 * self.pool._item_seconds + 0.1 * (now - worker.head_started)
+        worker.head_started = now
         if kind == "ok":
             self.rewards[index] = reward
             self.remaining -= 1
