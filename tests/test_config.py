@@ -134,3 +134,14 @@ def test_module_entry_point_fails_fast_on_bad_key():
     )
     assert proc.returncode == 2
     assert "unknown key 'model.pth'" in proc.stderr and "did you mean 'model.path'" in proc.stderr
+
+
+def test_readme_config_reference_is_current():
+    """Defaults never change silently: the README's reference is generated from the code."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("config_reference", Path("scripts/config_reference.py"))
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    assert ref.current_block(ref.README.read_text()) == ref.render(), "run: python scripts/config_reference.py"
