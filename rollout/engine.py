@@ -292,7 +292,7 @@ class Engine:
             kv_blocks_total=self.pool.num_blocks,
             generated_tokens=s["generated_tokens"],
             prefill_tokens=s["prefill_tokens"],
-            prefill_tokens_saved=s["prefill_tokens_saved"],
+            prefill_tokens_saved=s["prefill_tokens_saved"] + self.scheduler.prefill_tokens_saved,
             preemptions=self.scheduler.num_preemptions,
             steps=s["steps"],
             tokens_per_s=s["generated_tokens"] / s["busy_s"] if s["busy_s"] > 0 else 0.0,

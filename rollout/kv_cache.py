@@ -64,9 +64,12 @@ class BlockPool:
     def extra_blocks_for(self, table: list[int], num_computed: int, num_new: int) -> int:
         """Blocks needed so positions [num_computed, num_computed + num_new) are writable by this table:
         new blocks past the end plus one copy if the first written block is shared."""
-        need = max(0, self.blocks_needed(num_computed + num_new) - len(table))
-        first = num_computed // self.block_size
-        if num_new > 0 and first < len(table) and self.refcount[table[first]] > 1:
+        if num_new <= 0:
+            return 0
+        bs = self.block_size
+        first = num_computed // bs
+        need = max(0, (num_computed + num_new + bs - 1) // bs - len(table))
+        if first < len(table) and self.refcount[table[first]] > 1:
             need += 1
         return need
 

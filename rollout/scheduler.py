@@ -75,6 +75,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefill_tokens_saved = 0  # prompt tokens re-shared from siblings on re-prefill
 
     @property
     def num_seats_used(self) -> int:
@@ -126,20 +127,20 @@ class Scheduler:
         preempted = 0
         scheduled: set[int] = set()
         # 1) running sequences, oldest first; preempt the newest unscheduled ones when blocks run out
+        running = self.running
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
-            while pool.extra_blocks_for(seq.block_table, seq.num_computed, n) > pool.num_free:
-                victim = self.running[-1]
-                if id(victim) in scheduled:
-                    victim = None
-                if victim is None or victim is seq:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            need = pool.extra_blocks_for(seq.block_table, seq.num_computed, n)
+            while need > pool.num_free:
+                victim = running[-1]
+                if victim is seq or id(victim) in scheduled:
                     break
                 self.preempt(victim)
                 preempted += 1
-            if pool.extra_blocks_for(seq.block_table, seq.num_computed, n) > pool.num_free:
-                if len(seqs) == 0 and len(self.running) == 1:
+            if need > pool.num_free:
+                if not seqs and len(running) == 1:
                     # alone and still does not fit: the pool is too small for this sequence
                     seq.finish_reason = "length"
                     seqs.append(seq)
@@ -148,7 +149,8 @@ class Scheduler:
                 self.preempt(seq)
                 preempted += 1
                 continue
-            pool.reserve(seq.block_table, seq.num_computed, n)
+            if need:
+                pool.reserve(seq.block_table, seq.num_computed, n)
             seqs.append(seq)
             num_new.append(n)
             scheduled.add(id(seq))
@@ -157,14 +159,23 @@ class Scheduler:
         # 2) admit waiting sequences (never by preempting: only into free blocks)
         if not preempted:
             seats = self.num_seats_used
+            deferred: list[Sequence] = []
             while self.waiting and budget > 0:
                 seq = self.waiting[0]
                 if seats + seq.seats > self.max_num_seqs and self.running:
                     break
+                if seq.num_computed == 0 and not seq.fork_pending and len(seq.request.sequences) > 1:
+                    if self._adopt_sibling_prompt(seq) == "wait":
+                        deferred.append(self.waiting.popleft())
+                        continue
                 n = min(seq.num_tokens - seq.num_computed, budget)
                 # a group leader will need a copy-on-write block per sample soon: keep them free too
                 reserve_extra = seq.fork_pending if seq.fork_pending > 1 and self.running else 0
                 if pool.extra_blocks_for(seq.block_table, seq.num_computed, n) + reserve_extra > pool.num_free:
+                    if seq.num_computed:  # give back adopted blocks; adopt again next time
+                        self.prefill_tokens_saved -= seq.num_computed
+                        pool.release(seq.block_table)
+                        seq.num_computed = 0
                     break
                 self.waiting.popleft()
                 pool.reserve(seq.block_table, seq.num_computed, n)
@@ -173,4 +184,25 @@ class Scheduler:
                 seqs.append(seq)
                 num_new.append(n)
                 budget -= n
+            self.waiting.extendleft(reversed(deferred))
         return ScheduledBatch(seqs, num_new, pool.take_copies(), preempted)
+
+    def _adopt_sibling_prompt(self, seq: Sequence) -> str:
+        """Re-prefill of a group sample (after preemption or a recompute update): share the full
+        prompt blocks a running sibling already computed instead of recomputing them.
+        Returns 'adopted', 'wait' (a sibling is computing the prompt right now) or 'none'."""
+        bs = self.pool.block_size
+        full = seq.num_prompt_tokens // bs
+        if full == 0:
+            return "none"
+        waiting_for_sibling = False
+        for sib in seq.request.sequences:
+            if sib is seq or sib.finish_reason is not None or not sib.block_table:
+                continue
+            if sib.num_computed >= full * bs:
+                seq.block_table = self.pool.share(sib.block_table[:full])
+                seq.num_computed = full * bs
+                self.prefill_tokens_saved += full * bs
+                return "adopted"
+            waiting_for_sibling = True
+        return "wait" if waiting_for_sibling else "none"

@@ -228,3 +228,24 @@ def test_unsupported_model_type_is_named():
     cfg = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2)
     with pytest.raises(ValueError, match="gpt2"):
         Engine(AutoModelForCausalLM.from_config(cfg), num_blocks=4, block_size=4)
+
+
+def test_recompute_update_reshares_group_prompt_blocks():
+    model = make_model("qwen2")
+    prompt = list(range(3, 14))  # 11 tokens: 2 full blocks of 4 shareable on re-prefill
+    engine = Engine(model, num_blocks=64, block_size=4)
+    engine.add_request(prompt, SamplingParams(n=3, temperature=0, max_new_tokens=6))
+    for _ in range(3):
+        engine.step()
+    saved_before = engine.stats()["prefill_tokens_saved"]
+    engine.update_weights(1, _perturbed_weights(model), mode="recompute")
+    outs = []
+    while engine.has_unfinished():
+        outs += [o for _, o in engine.step()]
+    assert engine.stats()["prefill_tokens_saved"] - saved_before == 2 * 8  # 2 samples x 2 full blocks
+    assert len({tuple(o.token_ids) for o in outs}) == 1 and outs[0].versions == [0, 0, 0, 1, 1, 1]
+    new_model = make_model("qwen2")
+    new_model.load_state_dict(_perturbed_weights(model), strict=False)
+    cont = Engine(new_model, num_blocks=64, block_size=4).generate(
+        [prompt + outs[0].token_ids[:3]], SamplingParams(temperature=0, max_new_tokens=3))[0]
+    assert outs[0].token_ids[3:] == cont.token_ids
