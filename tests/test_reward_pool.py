@@ -186,3 +186,56 @@ def test_large_samples_are_not_limited_by_the_pipe_buffer():
     with make_pool("length_reward") as pool:
         assert pool.score(requests(*big)).rewards == [float(len(c)) for c in big]
         assert math.isclose(sum(pool.score(requests(*big)).rewards), 3 * 500_005)
+
+
+def test_timeout_is_per_call_not_per_batch():
+    # Four 0.3 s calls queued on one worker take 1.2 s in all, but each is within 0.5 s.
+    with make_pool("sleepy_reward", timeout_s=0.5, num_workers=1) as pool:
+        result = pool.score(requests("a", "bb", "ccc", "dddd", sleep=0.3))
+        assert result.rewards == [1.0, 2.0, 3.0, 4.0] and result.failures == NO_FAILURES
+
+
+def test_hang_in_the_middle_of_a_batch_blames_only_that_sample():
+    with make_pool("hang_on_hang", timeout_s=0.5, num_workers=1) as pool:
+        pool.score(requests("warm"))  # fast calls measured: the next batch is sent whole
+        completions = ["a", "bb", "hang", "ccc", "dddd"] * 2
+        result = pool.score(requests(*completions))
+        assert result.rewards == [1.0, 2.0, 0.0, 3.0, 4.0] * 2
+        assert result.failures == {**NO_FAILURES, "timeout": 2}
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_workers_die_when_the_parent_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    # Both workers are busy in time.sleep(100), so only PDEATHSIG (not pipe EOF) can end them.
+    script = (
+        "import threading, time\n"
+        "from areal.rewards import RewardPool, RewardRequest\n"
+        f"pool = RewardPool({str(BAD) + ':hang_on_hang'!r}, num_workers=2, timeout_s=100.0)\n"
+        "pool.score([RewardRequest('p', 'c')] * 2)\n"
+        "threading.Thread(target=pool.score, args=([RewardRequest('p', 'hang')] * 2,), daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+        "print(*[w.proc.pid for w in pool._workers], flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker_pids = [int(pid) for pid in parent.stdout.readline().split()]
+    assert len(worker_pids) == 2 and all(_is_running(pid) for pid in worker_pids)
+    os.kill(parent.pid, signal.SIGKILL)  # no atexit, no cleanup: only PDEATHSIG can act
+    parent.wait()
+    deadline = time.monotonic() + 5.0
+    while any(_is_running(pid) for pid in worker_pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_is_running(pid) for pid in worker_pids)

@@ -7,10 +7,16 @@ sets its sys.path to the parent's and only then imports areal.
 
 Protocol over one duplex pipe (multiprocessing.connection framing, pickled messages):
   parent -> worker: (fn_spec, sys_path, parent_pid) once; then batches, each a list of
-                    pickled items (index, prompt, completion, fields); None to stop
+                    (index, pickled (prompt, completion, fields)); None to stop.
   worker -> parent: ("ready", pid) once the function is loaded, or ("load_error", text);
-                    then one (index, kind, value, detail) per item, in the order received,
-                    with kind "ok" | "error" | "nan" | "non_number".
+                    then lists of results (index, kind, reward, detail, seconds), in the
+                    order received, with kind "ok" | "error" | "nan" | "non_number".
+                    Results are sent at the end of each batch, or sooner once FLUSH_S passed.
+
+Progress (shared memory, `PROGRESS` layout): before each item the worker writes the time and
+then bumps `started`; after it, it bumps `finished`. The parent reads these without any
+message, so results can be batched and yet a hang is attributed to exactly the item that
+hangs, and timed from when that item really started.
 """
 
 from __future__ import annotations
@@ -18,25 +24,30 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import mmap
 import numbers
 import os
 import pickle
 import signal
+import struct
 import sys
+import time
 import traceback
 from typing import Any
 
 _DETAIL_CHARS = 4000
+FLUSH_S = 0.005  # longest a finished result waits in the worker before being sent
+PROGRESS = struct.Struct("<qqd")  # started, finished (item counts), start time of the last started item
 
 
-# Run with `python -c BOOTSTRAP <fd>`: stdlib-only until sys.path is the parent's.
+# Run with `python -c BOOTSTRAP <pipe fd> <progress fd>`: stdlib-only until sys.path is the parent's.
 BOOTSTRAP = (
     "import sys\n"
     "from multiprocessing.connection import Connection\n"
     "conn = Connection(int(sys.argv[1]))\n"
     "fn_spec, sys.path[:], parent_pid = conn.recv()\n"
     "from areal.rewards._worker import worker_main\n"
-    "worker_main(conn, fn_spec, parent_pid)\n"
+    "worker_main(conn, int(sys.argv[2]), fn_spec, parent_pid)\n"
 )
 
 
@@ -78,10 +89,12 @@ def classify(value: Any) -> tuple[str, float, str]:
     return "non_number", 0.0, f"returned {type(value).__name__}: {value!r:.200}"
 
 
-def worker_main(conn, fn_spec: str, parent_pid: int) -> None:
+def worker_main(conn, progress_fd: int, fn_spec: str, parent_pid: int) -> None:
     """Entry point of a worker process (see module docstring for the protocol)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     _die_with_parent(parent_pid)
+    progress = mmap.mmap(progress_fd, PROGRESS.size)
+    os.close(progress_fd)
     try:
         from areal.rewards.loader import load_reward_fn
 
@@ -94,6 +107,7 @@ def worker_main(conn, fn_spec: str, parent_pid: int) -> None:
     loop = asyncio.new_event_loop()  # reused across async calls: cheaper than asyncio.run each time
     conn.send(("ready", os.getpid()))
 
+    started = finished = 0
     while True:
         try:
             batch = conn.recv()
@@ -101,13 +115,27 @@ def worker_main(conn, fn_spec: str, parent_pid: int) -> None:
             return  # parent closed the pipe or exited
         if batch is None:
             return
-        for blob in batch:
-            index, prompt, completion, fields = pickle.loads(blob)
+        results = []
+        last_flush = time.monotonic()
+        for index, blob in batch:
+            start = time.monotonic()
+            started += 1
+            struct.pack_into("<d", progress, 16, start)  # time first: the parent reads counts first
+            struct.pack_into("<q", progress, 0, started)
             try:
+                prompt, completion, fields = pickle.loads(blob)
                 value = fn(prompt, completion, **fields)
                 if inspect.isawaitable(value):
                     value = loop.run_until_complete(value)
                 kind, reward, detail = classify(value)
             except (Exception, SystemExit):  # sys.exit() in a reward fn is a failure, not a crash
                 kind, reward, detail = "error", 0.0, traceback.format_exc()[-_DETAIL_CHARS:]
-            conn.send((index, kind, reward, detail))
+            finished += 1
+            struct.pack_into("<q", progress, 8, finished)
+            end = time.monotonic()
+            results.append((index, kind, reward, detail, end - start))
+            if end - last_flush >= FLUSH_S:
+                conn.send(results)
+                results, last_flush = [], end
+        if results:
+            conn.send(results)

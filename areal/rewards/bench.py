@@ -28,24 +28,27 @@ def gsm8k_samples(n: int) -> list[RewardRequest]:
     ]
 
 
-def latex_samples(n: int) -> list[RewardRequest]:
+def latex_samples(n: int, offset: int = 0) -> list[RewardRequest]:
+    """Distinct completions (offset differs per repeat) so math-verify's caches do not help."""
     return [
         RewardRequest(
             "Simplify the fraction.",
-            f"Dividing both by the gcd gives $\\boxed{{\\frac{{{i % 50 + 1}}}{{{2 * (i % 50 + 1)}}}}}$.",
+            f"Dividing both by the gcd gives $\\boxed{{\\frac{{{i + 1}}}{{{2 * (i + 1)}}}}}$.",
             {"answer": "\\boxed{\\frac{1}{2}}" if i % 3 else "\\boxed{0.5}"},
         )
-        for i in range(n)
+        for i in range(offset, offset + n)
     ]
 
 
-def calls_per_second(score, samples: list[RewardRequest], repeats: int = 3) -> float:
+def calls_per_second(score, make_samples, repeats: int = 3) -> float:
+    """Best of `repeats` passes; make_samples(repeat) gives each pass its own samples."""
     best = float("inf")
-    for _ in range(repeats):
+    for repeat in range(repeats):
+        samples = make_samples(repeat)
         start = time.perf_counter()
         score(samples)
-        best = min(best, time.perf_counter() - start)
-    return len(samples) / best
+        best = min(best, (time.perf_counter() - start) / len(samples))
+    return 1.0 / best
 
 
 def main() -> None:
@@ -57,13 +60,20 @@ def main() -> None:
     def in_process(samples):
         return [math_reward(r.prompt, r.completion, **r.fields) for r in samples]
 
-    cases = {"gsm8k (numeric fast path)": gsm8k_samples(args.calls), "latex (math-verify)": latex_samples(args.calls // 4)}
+    n_latex = args.calls // 8
+    cases = {
+        "gsm8k (numeric fast path)": (lambda repeat: gsm8k_samples(args.calls), lambda repeat: gsm8k_samples(args.calls)),
+        "latex (math-verify)": (
+            lambda repeat: latex_samples(n_latex, offset=10**6 + repeat * n_latex),
+            lambda repeat: latex_samples(n_latex, offset=2 * 10**6 + repeat * n_latex),
+        ),
+    }
     with RewardPool("areal.rewards.math:math_reward", args.workers, timeout_s=10.0) as pool:
-        pool.score(cases["latex (math-verify)"][:8])  # workers up and math-verify imported
-        for name, samples in cases.items():
-            in_process(samples[:8])
-            direct = calls_per_second(in_process, samples)
-            pooled = calls_per_second(pool.score, samples)
+        pool.score(latex_samples(8))  # workers up and math-verify imported
+        in_process(latex_samples(8))
+        for name, (direct_samples, pool_samples) in cases.items():
+            direct = calls_per_second(in_process, direct_samples)
+            pooled = calls_per_second(pool.score, pool_samples)
             per_call_us = 1e6 / pooled
             print(
                 f"{name:28s} in-process {direct:9.0f} calls/s | pool({args.workers} workers) "

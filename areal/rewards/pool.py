@@ -5,9 +5,11 @@ return garbage, or kill its own process. The parent enforces every deadline itse
 a stuck worker (terminate, then kill), starts a replacement and scores the sample 0.0; the
 other samples carry on in the other workers. Training never stops for a bad reward.
 
-Dispatch: one duplex pipe per worker; items are sent in small batches (pipelined, so a
-worker never waits for the parent between items) and each result comes back on its own,
-so the parent always knows which item a worker is on and when it started.
+Dispatch: one duplex pipe per worker; items are sent in batches (pipelined, so a worker
+never waits for the parent between items) and results come back in batches too. Which
+item a worker is on, and since when, the parent reads from a small shared-memory record
+the worker updates around each call (see _worker.py), so batching costs no precision in
+enforcing deadlines or in blaming the right sample.
 
 Workers are fresh interpreters (`python -c BOOTSTRAP`, i.e. spawn semantics: no inherited
 threads or locks from torch) rather than multiprocessing.Process: multiprocessing's spawn
@@ -23,11 +25,13 @@ import atexit
 import concurrent.futures
 import logging
 import math
+import mmap
 import os
 import pickle
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import weakref
 import time
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from areal.rewards._worker import BOOTSTRAP
+from areal.rewards._worker import BOOTSTRAP, PROGRESS
 from areal.rewards.loader import load_reward_fn, resolve_spec
 
 logger = logging.getLogger("areal.rewards")
@@ -47,7 +51,7 @@ FAILURE_KINDS = ("error", "timeout", "nan", "non_number")
 # Items in flight per worker: enough that a worker never idles waiting for the parent, few
 # enough that slow items do not pile up behind one worker. Adapted to the measured time per
 # item (depth ~ _PIPELINE_SECONDS / item time); a new batch is sent once half have come back.
-_MAX_PIPELINE_DEPTH = 16
+_MAX_PIPELINE_DEPTH = 32
 _MIN_PIPELINE_DEPTH = 2
 _PIPELINE_SECONDS = 0.01
 # Bytes that may sit unread in a busy worker's pipe. Kept well under the socket buffer
@@ -104,23 +108,34 @@ class _Worker:
         parent_sock, child_sock = socket.socketpair()
         self.conn = Connection(parent_sock.detach())
         child_fd = child_sock.detach()
+        with tempfile.TemporaryFile() as progress_file:
+            progress_file.truncate(PROGRESS.size)
+            self.progress = mmap.mmap(progress_file.fileno(), PROGRESS.size)
+            progress_fd = progress_file.fileno()
+            try:
+                # Started from the pool's one long-lived thread: the worker's PDEATHSIG fires
+                # when the thread that forked it exits, so that thread must live as long as the pool.
+                self.proc = spawner.submit(
+                    subprocess.Popen,
+                    [sys.executable, "-c", BOOTSTRAP, str(child_fd), str(progress_fd)],
+                    pass_fds=(child_fd, progress_fd),
+                    stdin=subprocess.DEVNULL,
+                ).result()
+            finally:
+                os.close(child_fd)  # only the child holds its end now, so its death reads as EOF here
         try:
-            # Started from the pool's one long-lived thread: the worker's PDEATHSIG fires
-            # when the thread that forked it exits, so that thread must live as long as the pool.
-            self.proc = spawner.submit(
-                subprocess.Popen,
-                [sys.executable, "-c", BOOTSTRAP, str(child_fd)],
-                pass_fds=(child_fd,),
-                stdin=subprocess.DEVNULL,
-            ).result()
-        finally:
-            os.close(child_fd)  # only the child holds its end now, so its death reads as EOF here
-        self.conn.send((spec, list(sys.path), os.getpid()))
+            self.conn.send((spec, list(sys.path), os.getpid()))
+        except OSError:  # died at once: the pool sees EOF and counts a failed start
+            pass
         self.started_at = time.monotonic()
         self.ready = False
-        self.pending: deque[tuple[int, bytes]] = deque()  # (index, pickled item), in send order
+        self.pending: deque[tuple[int, bytes]] = deque()  # (index, pickled sample), in send order
         self.pending_bytes = 0
-        self.head_started = 0.0  # when the parent saw the worker start pending[0]
+        self.reported = 0  # results received so far: pending[0] is item number reported + 1
+
+    def read_progress(self) -> tuple[int, int, float]:
+        """(started, finished, start time of the last started item) as the worker wrote them."""
+        return PROGRESS.unpack_from(self.progress)
 
     @property
     def exitcode(self) -> int | None:
@@ -131,6 +146,12 @@ class _Worker:
         self.conn.close()
         if self.proc.poll() is None:
             self.proc.terminate()
+
+    def kill(self) -> None:
+        """Terminate and wait, leaving the pipe open so already-sent results can be read."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.join_or_kill()
 
     def join_or_kill(self, grace_s: float = 0.5) -> None:
         try:
@@ -170,7 +191,7 @@ class RewardPool:
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="areal-reward-spawner")
         self._logged_failures = 0
         self._startup_failures = 0
-        self._item_seconds = 0.0  # moving average of one call's time, as seen by the parent
+        self._item_seconds = 0.0  # moving average of one call's time, as the workers measure it
         self._lock = threading.Lock()
         self._closed = False
         self._workers: list[_Worker] = []
@@ -279,8 +300,8 @@ class _ScoringRun:
         self.queue: deque[tuple[int, bytes]] = deque()
         for index, request in enumerate(requests):
             try:
-                item = (index, request.prompt, request.completion, dict(request.fields))
-                self.queue.append((index, pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)))
+                sample = (request.prompt, request.completion, dict(request.fields))
+                self.queue.append((index, pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)))
             except Exception:
                 self._fail(index, "error", "sample cannot be sent to a worker:\n" + traceback.format_exc())
 
@@ -290,7 +311,7 @@ class _ScoringRun:
                 raise RuntimeError("RewardPool was closed while scoring")
             self._dispatch()
             now = time.monotonic()
-            deadlines = [self._deadline(w) for w in self.pool._workers]
+            deadlines = [self._deadline(w, now) for w in self.pool._workers]
             timeout = max(0.0, min(deadlines) - now)
             try:
                 readable = wait([w.conn for w in self.pool._workers], None if math.isinf(timeout) else timeout)
@@ -311,12 +332,15 @@ class _ScoringRun:
         self.remaining -= 1
         self.pool._log_failure(kind, self.requests[index], detail)
 
-    def _deadline(self, worker: _Worker) -> float:
+    def _deadline(self, worker: _Worker, now: float) -> float:
+        """When the worker's current call runs out of time (a lower bound: checked again then)."""
         if not worker.ready:
             return worker.started_at + _STARTUP_TIMEOUT_S
-        if worker.pending:
-            return worker.head_started + self.pool.timeout_s
-        return math.inf
+        if not worker.pending:
+            return math.inf
+        started, finished, start_time = worker.read_progress()
+        # Between calls the next one starts no earlier than now.
+        return (start_time if started > finished else now) + self.pool.timeout_s
 
     def _pipeline_depth(self) -> int:
         seconds = self.pool._item_seconds
@@ -346,13 +370,11 @@ class _ScoringRun:
             if not batch:
                 continue
             try:
-                worker.conn.send([blob for _, blob in batch])
+                worker.conn.send(batch)
             except OSError:  # died while idle: nothing of this batch ran, so retry elsewhere
                 self.queue.extendleft(reversed(batch))
                 self._worker_died(worker)
                 continue
-            if not worker.pending:
-                worker.head_started = time.monotonic()
             worker.pending.extend(batch)
             worker.pending_bytes += batch_bytes
 
@@ -367,70 +389,79 @@ class _ScoringRun:
         except (EOFError, OSError):
             self._worker_died(worker)
 
-    def _on_message(self, worker: _Worker, message: tuple) -> None:
-        if message[0] == "ready":
+    def _on_message(self, worker: _Worker, message: tuple | list) -> None:
+        if isinstance(message, tuple) and message[0] == "ready":
             worker.ready = True
             self.pool._startup_failures = 0
             return
-        if message[0] == "load_error":
+        if isinstance(message, tuple) and message[0] == "load_error":
             self.pool._startup_failed(worker, "the reward fn failed to load:\n" + message[1])
             return
-        index, kind, reward, detail = message
-        head_index, blob = worker.pending.popleft()
-        assert head_index == index, f"reward worker answered {index}, expected {head_index}"
-        worker.pending_bytes -= len(blob)
-        now = time.monotonic()
-        self.pool._item_seconds = 0.9 * self.pool._item_seconds + 0.1 * (now - worker.head_started)
-        worker.head_started = now
-        if kind == "ok":
-            self.rewards[index] = reward
-            self.remaining -= 1
-        else:
-            self._fail(index, kind, detail)
+        for index, kind, reward, detail, seconds in message:
+            head_index, blob = worker.pending.popleft()
+            assert head_index == index, f"reward worker answered {index}, expected {head_index}"
+            worker.pending_bytes -= len(blob)
+            worker.reported += 1
+            self.pool._item_seconds = 0.9 * self.pool._item_seconds + 0.1 * seconds
+            if kind == "ok":
+                self.rewards[index] = reward
+                self.remaining -= 1
+            else:
+                self._fail(index, kind, detail)
 
-    def _requeue_pending(self, worker: _Worker) -> None:
-        """Put a dead worker's unstarted items back at the front of the queue, in order."""
-        self.queue.extendleft(reversed(worker.pending))
+    def _settle_lost_worker(self, worker: _Worker, blamed: int | None, kind: str, detail: str) -> None:
+        """After a worker is gone (and its pipe drained): charge item number `blamed` (if it
+        had not finished) with a `kind` failure; put every other unanswered item back in the
+        queue, in order (finished-but-unsent results are lost, so those run again)."""
+        _, finished, _ = worker.read_progress()
+        requeue = []
+        for number, item in enumerate(worker.pending, start=worker.reported + 1):
+            if number == blamed and finished < blamed:
+                self._fail(item[0], kind, detail)
+            else:
+                requeue.append(item)
+        self.queue.extendleft(reversed(requeue))
         worker.pending.clear()
         worker.pending_bytes = 0
+        self.pool._replace(worker)
 
     def _worker_died(self, worker: _Worker) -> None:
+        """The worker's pipe hit EOF (its results before that are already read)."""
         if worker not in self.pool._workers:
             return
+        worker.join_or_kill()
         if not worker.ready:
-            worker.join_or_kill()
             self.pool._startup_failed(worker, f"worker exited with code {worker.exitcode} before it was ready")
             return
-        if worker.pending:
-            index, blob = worker.pending.popleft()
-            worker.pending_bytes -= len(blob)
-            worker.join_or_kill()
-            self._fail(
-                index,
-                "error",
-                f"the reward worker process died (exit code {worker.exitcode}) while scoring this "
-                "sample; it was replaced",
-            )
-        self._requeue_pending(worker)
-        self.pool._replace(worker)
+        started, finished, _ = worker.read_progress()
+        detail = (
+            f"the reward worker process died (exit code {worker.exitcode}) while scoring this sample; "
+            "it was replaced"
+        )
+        self._settle_lost_worker(worker, started if started > finished else None, "error", detail)
 
     def _enforce_deadlines(self) -> None:
         now = time.monotonic()
         for worker in list(self.pool._workers):
-            if now < self._deadline(worker):
-                continue
-            if worker.conn.poll():  # an answer arrived just in time: take it, decide again later
-                self._drain(worker)
+            if worker not in self.pool._workers:
                 continue
             if not worker.ready:
-                self.pool._startup_failed(worker, f"not ready after {_STARTUP_TIMEOUT_S:.0f}s")
+                if now < worker.started_at + _STARTUP_TIMEOUT_S:
+                    continue
+                if worker.conn.poll():  # "ready" arrived just in time
+                    self._drain(worker)
+                else:
+                    self.pool._startup_failed(worker, f"not ready after {_STARTUP_TIMEOUT_S:.0f}s")
                 continue
-            index, blob = worker.pending.popleft()
-            worker.pending_bytes -= len(blob)
-            self._fail(
-                index,
-                "timeout",
-                f"no result after {self.pool.timeout_s:g}s; the worker process was killed and replaced",
-            )
-            self._requeue_pending(worker)
-            self.pool._replace(worker)
+            started, finished, start_time = worker.read_progress()
+            if not worker.pending or started <= finished or now < start_time + self.pool.timeout_s:
+                continue
+            worker.kill()
+            try:  # results sent before the kill are still in the pipe: keep them
+                while worker.conn.poll():
+                    self._on_message(worker, worker.conn.recv())
+            except (EOFError, OSError):
+                pass
+            detail = f"no result after {self.pool.timeout_s:g}s; the worker process was killed and replaced"
+            # Item number `started` is blamed unless it finished in the instant before the kill.
+            self._settle_lost_worker(worker, started, "timeout", detail)
