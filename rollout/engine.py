@@ -10,6 +10,7 @@ Weights:    between two steps: begin_update(v); load_bucket(named_tensors)*; fin
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import time
@@ -80,6 +81,7 @@ class Engine:
         self._ids = itertools.count()
         self.requests: dict[int, Request] = {}
         self._updating: int | None = None
+        self._driver: asyncio.Task | None = None
         self._stats = dict(generated_tokens=0, prefill_tokens=0, prefill_tokens_saved=0, steps=0, busy_s=0.0)
 
     # ------------------------------------------------------------------ requests
@@ -282,6 +284,31 @@ class Engine:
                 if rid in mine:
                     results[(out.prompt_index, out.sample_index)] = out
         return [results[k] for k in sorted(results)]
+
+    # ------------------------------------------------------------------ asyncio API
+    async def agenerate(
+        self, prompt_token_ids: list[int], params: SamplingParams, prompt_index: int = 0
+    ) -> list[GenerationOutput]:
+        """Await one prompt's n samples. Steps run in a driver task on the running loop; other
+        coroutines (e.g. a weight update) run between two steps."""
+        future = asyncio.get_running_loop().create_future()
+        outs: list[GenerationOutput] = []
+
+        def on_finish(_rid: int, out: GenerationOutput) -> None:
+            outs.append(out)
+            if len(outs) == params.n and not future.done():
+                future.set_result(sorted(outs, key=lambda o: o.sample_index))
+
+        self.add_request(prompt_token_ids, params, on_finish=on_finish, prompt_index=prompt_index)
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        return await future
+
+    async def _drive(self) -> None:
+        while self.has_unfinished():
+            if self._updating is None:
+                self.step()
+            await asyncio.sleep(0)
 
     def stats(self) -> dict:
         s = self._stats

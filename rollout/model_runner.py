@@ -143,8 +143,9 @@ class ModelRunner:
         self.kv = torch.zeros(
             cfg.num_hidden_layers, 2, num_blocks * block_size, num_kv, head_dim, dtype=self.dtype, device=self.device
         )
-        self._params = dict(model.named_parameters())
-        self._params.update(dict(model.named_buffers()))
+        # remove_duplicate=False: a tied lm_head.weight is addressable under both names
+        self._params = dict(model.named_parameters(remove_duplicate=False))
+        self._params.update(dict(model.named_buffers(remove_duplicate=False)))
 
     def kv_cache_bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()

