@@ -130,6 +130,25 @@ def test_cpu_auto_backend_does_not_use_triton(monkeypatch):
     assert stats is mod._chunk_stats_torch and grad is mod._chunk_grad_torch
 
 
+def test_imports_and_falls_back_without_triton():
+    # a child where `import triton` fails, as on a CPU-only install without the extra
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "from areal.kernels import logprob_triton\n"
+        "assert not logprob_triton.triton_available()\n"
+        "from areal.kernels.logprob import logprobs_and_entropy\n"
+        "lp, _ = logprobs_and_entropy(torch.randn(3, 2), torch.randn(4, 2), torch.tensor([0, 1, 3]))\n"
+        "assert lp.shape == (3,) and bool((lp < 0).all())\n"
+        "try:\n"
+        "    logprobs_and_entropy(torch.randn(3, 2), torch.randn(4, 2), torch.tensor([0, 1, 3]), backend='triton')\n"
+        "except RuntimeError:\n"
+        "    print('FALLBACK_OK')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "FALLBACK_OK" in proc.stdout, proc.stdout + proc.stderr
+
+
 def _interpreted_triton_check() -> None:
     """Triton (interpreted on CPU) vs the torch path; run in a child with TRITON_INTERPRET=1."""
     from areal.kernels import logprob_triton
