@@ -239,3 +239,14 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
     while any(_is_running(pid) for pid in worker_pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_is_running(pid) for pid in worker_pids)
+
+
+def test_workers_that_cannot_load_the_fn_raise_a_clear_error(monkeypatch):
+    import os
+
+    monkeypatch.setenv("AREAL_TEST_PARENT_PID", str(os.getpid()))
+    spec = f"{BAD.parent / 'parent_only_rewards.py'}:reward"
+    pool = RewardPool(spec, num_workers=1, timeout_s=5.0)  # loads fine here, in the parent
+    with pytest.raises(RuntimeError, match=r"(?s)failed to start 3 times in a row.*only loads in the test's own process"):
+        pool.score(requests("a"))
+    pool.close()
