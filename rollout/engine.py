@@ -120,14 +120,18 @@ class Engine:
         outs = []
         for seq in list(req.sequences):
             if seq.finish_reason is None:
-                self.scheduler.remove(seq)
-                if seq.fork_pending:  # never forked: report the n empty samples
-                    for i in range(seq.fork_pending):
-                        outs.append(self._finish(Sequence(req, i, list(req.prompt_token_ids), len(req.prompt_token_ids)), "abort"))
-                    seq.finish_reason = "abort"
-                else:
-                    outs.append(self._finish(seq, "abort"))
+                outs.extend(self._finish_all(seq, "abort"))
         return outs
+
+    def _finish_all(self, seq: Sequence, reason: str) -> list[GenerationOutput]:
+        """Retire a sequence now; a group leader that never forked reports all n samples (empty)."""
+        self.scheduler.remove(seq)
+        if not seq.fork_pending:
+            return [self._finish(seq, reason)]
+        req = seq.request
+        seq.finish_reason = reason
+        prompt = req.prompt_token_ids
+        return [self._finish(Sequence(req, i, list(prompt), len(prompt)), reason) for i in range(seq.fork_pending)]
 
     # ------------------------------------------------------------------ weights
     def begin_update(self, version: int) -> None:
@@ -172,7 +176,7 @@ class Engine:
         for seq, n in zip(batch.seqs, batch.num_new):
             if n == 0 and seq.finish_reason == "length":
                 seq.finish_reason = None
-                finished.append((seq.request.request_id, self._finish(seq, "length")))
+                finished.extend((seq.request.request_id, o) for o in self._finish_all(seq, "length"))
         pairs = [(s, n) for s, n in zip(batch.seqs, batch.num_new) if n > 0]
         if pairs:
             pairs.sort(key=lambda p: p[1] != 1)  # single-token queries first (stable)

@@ -273,3 +273,15 @@ def test_asyncio_api_streams_and_tied_weight_alias_loads():
     emb = model.get_input_embeddings().weight
     engine.runner.load_weights([("lm_head.weight", torch.zeros_like(emb))])
     assert engine.runner.model.get_input_embeddings().weight.abs().sum() == 0
+
+
+def test_pool_smaller_than_request_finishes_with_length_instead_of_crashing():
+    model = make_model("qwen2")
+    engine = Engine(model, num_blocks=4, block_size=4)  # 16 slots in all
+    outs = engine.generate([PROMPTS[0], PROMPTS[1]], SamplingParams(n=2, temperature=0, max_new_tokens=40))
+    assert [len(o.token_ids) for o in outs] == [16 - 7] * 2 + [16 - 2] * 2
+    assert all(o.finish_reason == "length" for o in outs)
+    assert outs[0].token_ids == hf_greedy(model, PROMPTS[0], 9)
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["preemptions"] > 0
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(list(range(16)), SamplingParams())
