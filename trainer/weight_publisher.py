@@ -1,0 +1,195 @@
+"""Non-blocking publication of the trainer's weights to every rollout worker.
+
+    pub = WeightPublisher(transport)                 # transport: an areal.transport.SenderTransport
+    pub.publish(version, engine.named_weights())     # snapshot (one copy) and return at once
+    ...
+    pub.wait(); pub.close()
+
+`publish` copies the tensors into a flat host/device snapshot buffer (the next optimizer step may
+then change the parameters freely) and hands the snapshot to a background thread that sends the one
+control message and the buckets. Two snapshot buffers: one being sent, one pending.
+
+Latest version wins: if a publish arrives while the previous one is still being sent, it becomes the
+pending snapshot; a further publish before that pending one has started overwrites it (the older
+version is never sent; counted in `coalesced`). An update already on the wire is always completed, so
+receivers only ever see whole versions, in increasing order. The trainer therefore never waits for a
+slow rollout worker, and rollout workers skip versions rather than fall behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from areal.transport import Layout, SenderTransport, UpdateHeader, plan_layout
+
+
+@dataclass
+class PublishStats:
+    version: int
+    seq: int
+    bytes: int
+    buckets: int
+    snapshot_s: float  # time publish() spent copying (the trainer's whole cost)
+    queued_s: float  # publish() -> start of sending (waiting for the previous update)
+    transfer_s: float  # start_update -> every receiver has every bucket
+    coalesced: int  # older versions replaced by this one without being sent
+
+
+@dataclass
+class _Snapshot:
+    version: int
+    layout: Layout
+    flat: torch.Tensor
+    snapshot_s: float
+    published_at: float
+    coalesced: int
+    ready: object = None  # a CUDA event when the copy ran on the GPU
+
+
+class WeightPublisher:
+    def __init__(self, transport: SenderTransport, bucket_mb: float = 256.0, device: str | torch.device | None = None):
+        self.transport = transport
+        self.bucket_bytes = max(int(bucket_mb * (1 << 20)), 1)
+        self.device = None if device is None else torch.device(device)  # None: the tensors' own device
+        self.history: list[PublishStats] = []
+        self.coalesced_total = 0
+        self._cond = threading.Condition()
+        self._layout: Layout | None = None
+        self._free: list[torch.Tensor] = []
+        self._pending: _Snapshot | None = None
+        self._sending: _Snapshot | None = None
+        self._seq = 0
+        self._last_version: int | None = None
+        self._error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="areal-weight-publisher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ trainer side
+    def publish(self, version: int, named_tensors) -> float:
+        """Snapshot `named_tensors` ((name, tensor) pairs or a dict) as `version`; returns the copy seconds."""
+        t0 = time.perf_counter()
+        pairs = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        with self._cond:
+            self._raise_if_failed()
+            if self._closing:
+                raise RuntimeError("publish() after close()")
+            if self._last_version is not None and version <= self._last_version:
+                raise ValueError(f"version {version} is not newer than the last published {self._last_version}")
+            self._last_version = version
+            layout = self._layout_for(pairs)
+            if self._pending is not None and self._pending.layout is layout:
+                snap, coalesced = self._pending, self._pending.coalesced + 1  # latest wins: reuse its buffer
+                self.coalesced_total += 1
+            else:
+                snap, coalesced = None, 0
+                if self._pending is not None:  # layout changed: drop the stale pending snapshot
+                    coalesced = self._pending.coalesced + 1
+                    self.coalesced_total += 1
+                flat = self._free.pop() if self._free else layout.new_buffer(self._device_of(pairs))
+                snap = _Snapshot(version, layout, flat, 0.0, 0.0, coalesced)
+            with torch.no_grad():
+                for (_, dst), (_, src) in zip(layout.views(snap.flat), pairs):
+                    dst.copy_(src.detach(), non_blocking=True)
+            if snap.flat.is_cuda:
+                snap.ready = torch.cuda.Event()
+                snap.ready.record()  # the sender thread waits for the copy, not the trainer
+            snap.version, snap.coalesced = version, coalesced
+            snap.published_at = time.perf_counter()
+            snap.snapshot_s = snap.published_at - t0
+            self._pending = snap
+            self._cond.notify_all()
+            return snap.snapshot_s
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until everything published has reached every receiver; raises the sender's error if any."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (self._pending is not None or self._sending is not None) and self._error is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"weight publication still in flight after {timeout}s")
+                self._cond.wait(left)
+            self._raise_if_failed()
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Finish what was published (up to `timeout`), tell receivers the channel is closed, stop."""
+        try:
+            if self._error is None:
+                self.wait(timeout)
+        finally:
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join(timeout=5)
+            self.transport.close()
+
+    @property
+    def stats(self) -> dict:
+        last = self.history[-1] if self.history else None
+        return {
+            "weights/updates_sent": len(self.history),
+            "weights/coalesced": self.coalesced_total,
+            "weights/control_messages": self.transport.control_messages,
+            **({} if last is None else {
+                "weights/version_sent": last.version,
+                "weights/bytes": last.bytes,
+                "weights/buckets": last.buckets,
+                "weights/snapshot_s": last.snapshot_s,
+                "weights/transfer_s": last.transfer_s,
+                "weights/queued_s": last.queued_s,
+            }),
+        }
+
+    # ------------------------------------------------------------------ internals
+    def _device_of(self, pairs) -> torch.device:
+        return self.device if self.device is not None else (pairs[0][1].device if pairs else torch.device("cpu"))
+
+    def _layout_for(self, pairs) -> Layout:
+        sig = tuple((n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in pairs)
+        if self._layout is None or self._layout.signature() != sig:
+            self._layout = plan_layout(pairs, self.bucket_bytes)
+            self._free = []  # buffers of the old layout are dropped
+        return self._layout
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"weight publisher failed: {self._error}") from self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    self._cond.wait()
+                if self._pending is None:  # closing and nothing left
+                    return
+                snap, self._pending, self._sending = self._pending, None, self._pending
+            try:
+                if snap.ready is not None:
+                    snap.ready.synchronize()
+                t0 = time.perf_counter()
+                header = UpdateHeader(self._seq, snap.version, snap.layout, snap.layout.total_bytes, time.time())
+                self.transport.start_update(header)
+                for bucket in snap.layout.bucket_slices(snap.flat):
+                    self.transport.send_bucket(bucket)
+                self.transport.finish_update(header)
+                t1 = time.perf_counter()
+            except BaseException as exc:  # surfaced by the next publish()/wait()/close()
+                with self._cond:
+                    self._error, self._sending = exc, None
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._seq += 1
+                self.history.append(PublishStats(
+                    snap.version, header.seq, snap.layout.total_bytes, len(snap.layout.buckets),
+                    snap.snapshot_s, t0 - snap.published_at, t1 - t0, snap.coalesced,
+                ))
+                if snap.layout is self._layout:
+                    self._free.append(snap.flat)
+                self._sending = None
+                self._cond.notify_all()
