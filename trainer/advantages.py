@@ -165,3 +165,29 @@ def filter_uniform_groups(rewards: Tensor, atol: float = 0.0) -> Tensor:
         raise ValueError(f"rewards must be [G, n], got {tuple(rewards.shape)}")
     spread = rewards.max(dim=1).values - rewards.min(dim=1).values
     return spread > atol
+
+
+def compute_advantages(rewards: Tensor, cfg) -> Tensor:
+    """The critic-free group estimator named by `cfg.advantage` (TrainerConfig): [G, n] -> [G, n].
+
+    grpo / dr_grpo / rloo only; reinforce_pp and ppo_gae need token masks (and values), so the
+    train engine computes those from the batch (build the batch with advantages=None).
+    """
+    if cfg.advantage not in GROUP_METHODS:
+        raise ValueError(
+            f"compute_advantages handles {GROUP_METHODS}; advantage={cfg.advantage!r} is computed by the "
+            "train engine: call build_batch(groups, None, pad_token_id)"
+        )
+    return group_advantages(rewards, method=cfg.advantage)
+
+
+def grouped_advantages(rewards: Tensor, group_index: Tensor, method: str = "grpo") -> Tensor:
+    """`group_advantages` for sequences listed flat: rewards [S], group_index [S] -> [S].
+
+    Groups may differ in size (e.g. after per-sample filtering); each is normalised alone.
+    """
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    for g in torch.unique(group_index).tolist():
+        idx = torch.nonzero(group_index == g, as_tuple=True)[0]
+        out[idx] = group_advantages(rewards[idx].reshape(1, -1), method=method).reshape(-1)
+    return out

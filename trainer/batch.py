@@ -23,22 +23,33 @@ class TrainBatch:
     loss_mask: torch.Tensor  # [S, T-1] float
     behaviour_logprobs: torch.Tensor  # [S, T-1]
     versions: torch.Tensor  # [S, T-1] long, -1 outside completions
-    advantages: torch.Tensor  # [S, T-1]
+    advantages: torch.Tensor | None  # [S, T-1]; None: the engine computes them (trainer.advantage)
+    rewards: torch.Tensor | None = None  # [S] scalar reward per sequence
+    group_index: torch.Tensor | None = None  # [S] long: which group (prompt) each sequence belongs to
 
     @property
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]
 
     def select(self, index: torch.Tensor) -> "TrainBatch":
-        return TrainBatch(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        return TrainBatch(**{f.name: _apply(getattr(self, f.name), lambda x: x[index]) for f in fields(self)})
 
     def to(self, device: torch.device) -> "TrainBatch":
-        return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TrainBatch(**{f.name: _apply(getattr(self, f.name), lambda x: x.to(device)) for f in fields(self)})
 
 
-def build_batch(groups: list[Group], advantages: list[list[float]], pad_token_id: int) -> TrainBatch:
-    """`advantages[g][k]` is the scalar advantage of sample k of group g, broadcast to its tokens."""
-    trajs = [(t, advantages[g][k]) for g, group in enumerate(groups) for k, t in enumerate(group.trajectories)]
+def _apply(value, fn):
+    return None if value is None else fn(value)
+
+
+def build_batch(groups: list[Group], advantages: list[list[float]] | None, pad_token_id: int) -> TrainBatch:
+    """`advantages[g][k]` is the scalar advantage of sample k of group g, broadcast to its tokens.
+
+    advantages=None leaves them to the engine (`trainer.advantage`, KL-in-reward, overlong
+    penalty); the batch always carries the rewards and group index for that.
+    """
+    trajs = [(t, advantages[g][k] if advantages is not None else 0.0)
+             for g, group in enumerate(groups) for k, t in enumerate(group.trajectories)]
     width = max(t.num_tokens for t, _ in trajs)
     S = len(trajs)
     input_ids = torch.full((S, width), pad_token_id, dtype=torch.long)
@@ -56,4 +67,7 @@ def build_batch(groups: list[Group], advantages: list[list[float]], pad_token_id
         behaviour[row, span] = torch.tensor(t.behaviour_logprobs)
         versions[row, span] = torch.tensor(t.versions)
         adv[row, span] = a
-    return TrainBatch(input_ids, attention_mask, input_ids[:, 1:].clone(), loss_mask, behaviour, versions, adv)
+    rewards = torch.tensor([t.reward for t, _ in trajs], dtype=torch.float32)
+    group_index = torch.tensor([g for g, group in enumerate(groups) for _ in group.trajectories], dtype=torch.long)
+    return TrainBatch(input_ids, attention_mask, input_ids[:, 1:].clone(), loss_mask, behaviour, versions,
+                      adv if advantages is not None else None, rewards, group_index)

@@ -23,8 +23,16 @@ class TrainerConfig:
     grad_clip: float = option(1.0, "Clip the global gradient norm to this (0 = off).")
     advantage: str = option(
         "grpo",
-        "Advantage estimator: grpo (group mean/std), dr_grpo (group mean only), rloo (leave-one-out).",
-        choices=("grpo", "dr_grpo", "rloo"),
+        "Advantage estimator: grpo (group mean/std), dr_grpo (group mean only), rloo (leave-one-out), "
+        "reinforce_pp (REINFORCE++: token returns normalised over the batch), ppo_gae (PPO with a "
+        "critic and GAE; builds a value model, a copy of the policy's decoder with a scalar head).",
+        choices=("grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo_gae"),
+    )
+    policy_loss: str = option(
+        "ppo",
+        "ppo: per-token decoupled PPO ratio; gspo: one length-normalised ratio per sequence (GSPO; use "
+        "small clips such as eps_clip_low=3e-4, eps_clip_high=4e-4).",
+        choices=("ppo", "gspo"),
     )
     eps_clip_low: float = option(0.2, "PPO clip: ratio floor is 1 - eps_clip_low.")
     eps_clip_high: float = option(0.2, "PPO clip: ratio ceiling is 1 + eps_clip_high (DAPO clip-higher if larger).")
@@ -45,6 +53,51 @@ class TrainerConfig:
         "Loss aggregation: token-mean over the batch, seq-mean-token-mean, or seq-mean-token-sum-norm (Dr.GRPO).",
         choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"),
     )
+    kl_coef: float = option(
+        0.0, "KL(pi_theta || pi_ref) coefficient. 0 = off, and no reference model is built. Non-zero: the "
+        "engine keeps a frozen copy of the initial policy (deepcopy at construction, eval mode) as pi_ref."
+    )
+    kl_estimator: str = option("k3", "Per-token KL estimator (Schulman): k1, k2 or k3.", choices=("k1", "k2", "k3"))
+    kl_mode: str = option(
+        "loss",
+        "loss: add kl_coef * aggregate(KL) to the loss; reward: subtract kl_coef * KL from the reward "
+        "(per token for reinforce_pp/ppo_gae, summed per sequence for the group estimators).",
+        choices=("loss", "reward"),
+    )
+    entropy_coef: float = option(0.0, "Entropy bonus coefficient (loss -= coef * entropy); 0 = off.")
+    overlong_buffer: int = option(
+        0, "DAPO soft overlong penalty: the last this-many tokens before max_new_tokens ramp the reward "
+        "penalty from 0 to -overlong_penalty (0 = off)."
+    )
+    overlong_penalty: float = option(1.0, "Largest overlong penalty (at max_new_tokens).")
+    gae_gamma: float = option(1.0, "GAE discount (ppo_gae).")
+    gae_lambda: float = option(1.0, "GAE lambda (ppo_gae).")
+    critic_lr: float = option(0.0, "Critic AdamW learning rate (ppo_gae); 0 = same as lr.")
+    value_clip: float = option(0.2, "Clip of the value update around the old value, in reward units (0 = off).")
+    max_tokens_per_microbatch: int = option(
+        8192,
+        "Token budget of one packed micro-batch (forward/backward). Sequences are bin-packed into "
+        "balanced micro-batches under it and gradients accumulate; the loss is the same as one big batch.",
+    )
+    packing: bool = option(
+        True,
+        "Pack sequences into rows without padding (position ids restart per sequence, attention stays "
+        "per sequence). False = pad every sequence to the batch's longest (the baseline).",
+    )
+    packed_attention: str = option(
+        "varlen",
+        "Attention over packed rows: varlen (causal SDPA per sequence: sum L_i^2 work) or model (the "
+        "model's own attention with a block-diagonal mask from the position ids: N^2 work).",
+        choices=("varlen", "model"),
+    )
+    backend: str = option(
+        "torch",
+        "torch: one process (DistributedDataParallel over gloo when launched with several ranks); "
+        "deepspeed: DeepSpeed ZeRO (pip install deepspeed), a gloo group on 127.0.0.1 if none exists.",
+        choices=("torch", "deepspeed"),
+    )
+    zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).", choices=(0, 1, 2, 3))
+    offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU (ZeRO-Offload).")
     filter_uniform_groups: bool = option(
         False, "Drop groups whose rewards are all equal (zero advantage) before the update."
     )

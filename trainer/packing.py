@@ -1,0 +1,217 @@
+"""Micro-batches under a token budget: balanced bin packing and packed (varlen) rows.
+
+A step's sequences are split into micro-batches of at most `max_tokens` tokens each,
+never padded to the longest sequence of the batch:
+
+* `balanced_partition` picks the number of bins k = ceil(total / budget) and places the
+  sequences longest first, each into the currently lightest bin (LPT, the greedy
+  counterpart of Karmarkar-Karp balancing); if a bin overflows the budget it retries with
+  k + 1 bins. Loads end up nearly equal, so no micro-batch is a straggler.
+* `pack_rows` concatenates the chosen sequences into ONE row of N tokens with position
+  ids restarting at 0 for each sequence. Attention stays inside each sequence: either
+  transformers' own sdpa/eager path (it detects the position-id resets when
+  attention_mask is None and builds a block-diagonal causal mask, N x N work), or the
+  `areal_varlen` attention registered below, which runs causal SDPA segment by segment
+  (sum of L_i^2 work instead of N^2; the CPU analogue of flash-attn varlen).
+
+Every per-token tensor of a `TrainBatch` lives in its [S, T-1] target layout; a
+micro-batch only says which rows it holds and where each row's completion targets sit
+in the packed hidden states (`hidden_index`), so losses run on flat 1-D tensors with
+`sequence_ids` = batch row.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+VARLEN_ATTENTION = "areal_varlen"
+
+
+def balanced_partition(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` split into bins of total <= max_tokens with near-equal loads.
+
+    A single item longer than the budget gets a bin of its own (it cannot be split).
+    Bins are returned heaviest first; inside a bin, indices keep ascending order.
+    """
+    if max_tokens <= 0:
+        raise ValueError("max_tokens must be > 0")
+    if not lengths:
+        return []
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    oversized = [[i] for i in order if lengths[i] > max_tokens]
+    rest = [i for i in order if lengths[i] <= max_tokens]
+    bins: list[list[int]] = []
+    if rest:
+        k = max(1, -(-sum(lengths[i] for i in rest) // max_tokens))
+        while True:
+            bins, loads = _lpt(rest, lengths, k)
+            if max(loads) <= max_tokens:
+                break
+            k += 1
+        bins = [sorted(b) for _, b in sorted(zip(loads, bins), key=lambda x: -x[0]) if b]
+    return oversized + bins
+
+
+def _lpt(order: list[int], lengths: list[int], k: int) -> tuple[list[list[int]], list[int]]:
+    """Longest-first greedy: each item (already sorted longest first) goes to the lightest bin."""
+    heap = [(0, b) for b in range(k)]  # (load, bin id)
+    bins: list[list[int]] = [[] for _ in range(k)]
+    loads = [0] * k
+    for i in order:
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        loads[b] = load + lengths[i]
+        heapq.heappush(heap, (loads[b], b))
+    return bins, loads
+
+
+def split_balanced(lengths: list[int], parts: int) -> list[list[int]]:
+    """Exactly `parts` groups of indices with near-equal total length (e.g. one per rank)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [sorted(b) for b in _lpt(order, lengths, parts)[0]]
+
+
+@dataclass
+class MicroBatch:
+    """Model inputs for some rows of a batch, and where their completion targets are.
+
+    rows         [b]        batch rows in this micro-batch
+    input_ids    [R, W]     packed: R = 1, W = N tokens; padded: R = b, W = width
+    position_ids [R, W]     restart at 0 for every sequence (packed) / None (padded)
+    attention_mask [R, W]   None when packed (the position resets define the blocks)
+    cu_seqlens   [b + 1]    sequence boundaries inside the packed row (packed only)
+    hidden_index [n]        flat index into hidden.reshape(R * W, H) of each completion target
+    target_row, target_col [n]  the same targets in the batch's [S, T-1] layout
+    """
+
+    rows: Tensor
+    input_ids: Tensor
+    position_ids: Tensor | None
+    attention_mask: Tensor | None
+    cu_seqlens: Tensor | None
+    hidden_index: Tensor
+    target_row: Tensor
+    target_col: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def gather(self, per_target: Tensor) -> Tensor:
+        """[S, T-1] batch tensor -> flat [n] values at this micro-batch's completion targets."""
+        return per_target[self.target_row, self.target_col]
+
+
+def sequence_lengths(attention_mask: Tensor) -> Tensor:
+    """Tokens per right-padded row."""
+    return attention_mask.sum(dim=1)
+
+
+def pack_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor) -> MicroBatch:
+    """Concatenate the valid tokens of `rows` (right-padded batch) into one packed row."""
+    lengths = sequence_lengths(attention_mask)[rows]
+    device = input_ids.device
+    cu = torch.zeros(len(rows) + 1, dtype=torch.long, device=device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    ids, pos, hidden_index, t_row, t_col = [], [], [], [], []
+    for k, r in enumerate(rows.tolist()):
+        n = int(lengths[k])
+        ids.append(input_ids[r, :n])
+        pos.append(torch.arange(n, device=device))
+        cols = torch.nonzero(loss_mask[r, : max(n - 1, 0)], as_tuple=False).flatten()  # hidden t predicts t+1
+        hidden_index.append(cols + cu[k])
+        t_row.append(torch.full_like(cols, r))
+        t_col.append(cols)
+    return MicroBatch(
+        rows=rows,
+        input_ids=torch.cat(ids)[None],
+        position_ids=torch.cat(pos)[None],
+        attention_mask=None,
+        cu_seqlens=cu,
+        hidden_index=torch.cat(hidden_index),
+        target_row=torch.cat(t_row),
+        target_col=torch.cat(t_col),
+    )
+
+
+def pad_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor) -> MicroBatch:
+    """The rows as they are: right-padded to the batch width (the unpacked baseline)."""
+    ids = input_ids[rows]
+    width = ids.shape[1]
+    sel = loss_mask[rows].bool()
+    local_row, col = torch.nonzero(sel, as_tuple=True)
+    return MicroBatch(
+        rows=rows,
+        input_ids=ids,
+        position_ids=None,
+        attention_mask=attention_mask[rows],
+        cu_seqlens=None,
+        hidden_index=local_row * width + col,
+        target_row=rows[local_row],
+        target_col=col,
+    )
+
+
+def make_microbatches(
+    input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor, max_tokens: int, packed: bool = True
+) -> list[MicroBatch]:
+    """Split `rows` into micro-batches of <= max_tokens tokens (counted as the model sees them).
+
+    Packed: balanced bins of real tokens. Padded: consecutive rows, each costing the batch
+    width, so the comparison with packing is the honest padded-to-longest layout.
+    """
+    if packed:
+        lengths = sequence_lengths(attention_mask)[rows].tolist()
+        return [pack_rows(input_ids, attention_mask, loss_mask, rows[torch.tensor(b)])
+                for b in balanced_partition(lengths, max_tokens)]
+    per_mb = max(1, max_tokens // input_ids.shape[1])
+    return [pad_rows(input_ids, attention_mask, loss_mask, part) for part in rows.split(per_mb)]
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Causal attention run separately on each packed sequence (transformers attention API).
+
+    query [1, H, N, D], key/value [1, H_kv, N, D]; `cu_seq_lens_q` (the sequence boundaries)
+    comes through the model's forward kwargs. Without it this is plain sdpa, so the same
+    model still serves padded or unpacked calls.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    bounds = cu.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+            dropout_p=dropout if module.training else 0.0, enable_gqa=groups > 1,
+        ))
+    out = torch.cat(outs, dim=2)  # [1, H, N, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_mask(*args, attention_mask=None, **kwargs):
+    """No mask without padding (packed rows: per-segment causal SDPA needs none; an
+    unpadded row: sdpa's is_causal); padded rows get sdpa's usual mask."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_varlen_attention() -> str:
+    """Register `areal_varlen` (attention + a no-op mask builder) with transformers; idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    if VARLEN_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
+        AttentionMaskInterface.register(VARLEN_ATTENTION, _varlen_mask)
+    return VARLEN_ATTENTION
