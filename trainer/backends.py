@@ -130,6 +130,8 @@ def deepspeed_config(cfg: TrainerConfig, dtype: torch.dtype) -> dict:
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
+        # offload with the torch AdamW (DeepSpeedCPUAdam would JIT-compile C++ for minutes)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -141,6 +143,9 @@ class DeepSpeedBackend:
         import deepspeed
 
         init_process_group()
+        rank, size = world()
+        for key, value in (("RANK", rank), ("WORLD_SIZE", size), ("LOCAL_RANK", rank)):  # DeepSpeed checks these
+            os.environ.setdefault(key, str(value))
         self.cfg = cfg
         dtype = next(module.parameters()).dtype
         optimizer, scheduler = make_optimizer(module.parameters(), cfg)

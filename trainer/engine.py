@@ -266,6 +266,13 @@ class TrainEngine:
                     weights[f"train/{k}"] = weights.get(f"train/{k}", 0.0) + n
             grad_norms.append(self.backend.step())
             losses.append(total)
+        if self.world_size > 1:  # every rank reports the global figures
+            keys = sorted(sums)
+            packed = _all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys] + losses,
+                                              dtype=torch.float64))
+            sums = dict(zip(keys, packed[: len(keys)].tolist()))
+            weights = dict(zip(keys, packed[len(keys): 2 * len(keys)].tolist()))
+            losses = packed[2 * len(keys):].tolist()
         # token-weighted means of the loss stats; the loss and grad norm averaged over minibatches
         out = {k: v / max(weights[k], 1e-12) for k, v in sums.items()}
         out["train/num_valid_tokens"] = weights.get("train/num_valid_tokens", 0.0)
