@@ -33,14 +33,17 @@ VLLM_PYTHON = Path(os.environ.get("VLLM_VENV", str(Path.home() / ".venvs" / "vll
 
 
 def build_model(size: str):
-    """The shipped tiny model if present, else a random Qwen2 of ~0.6M (tiny) or ~54M (large) params."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    """The shipped tiny model (its random-initialised config while the weights are not there yet),
+    else a random Qwen2 of ~0.6M (tiny) or ~54M (large) params. Returns (model, dir with weights or None)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 
-    if size == "tiny" and (DEFAULT_MODEL_DIR / "config.json").exists():
-        return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval(), str(DEFAULT_MODEL_DIR)
     torch.manual_seed(0)
-    if size == "tiny":
-        cfg = Qwen2Config(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+    if size == "tiny" and (DEFAULT_MODEL_DIR / "model.safetensors").exists():
+        return AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32).eval(), str(DEFAULT_MODEL_DIR)
+    if size == "tiny" and (DEFAULT_MODEL_DIR / "config.json").exists():
+        cfg = AutoConfig.from_pretrained(DEFAULT_MODEL_DIR)
+    elif size == "tiny":
+        cfg = Qwen2Config(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
                           max_position_embeddings=1024)
     else:
@@ -70,7 +73,7 @@ def run_areal(model, prompts, lengths, n) -> float:
     t0 = time.perf_counter()
     for i, (p, m) in enumerate(zip(prompts, lengths)):
         engine.add_request(p, SamplingParams(
-            n=n, temperature=1.0, max_new_tokens=m, ignore_eos=True, seed=i), prompt_index=i)
+            n=n, temperature=1.0, max_new_tokens=m, ignore_eos=True), prompt_index=i)
     produced = 0
     while engine.has_unfinished():
         produced += sum(len(o.token_ids) for _, o in engine.step())
@@ -102,17 +105,23 @@ VLLM_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from vllm import LLM, SamplingParams
-    model_dir, work = sys.argv[1], json.load(open(sys.argv[2]))
-    llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=work["max_len"],
-              enforce_eager=True, seed=0)
-    reqs = [{"prompt_token_ids": p} for p in work["prompts"]]
-    params = [SamplingParams(n=work["n"], temperature=1.0, max_tokens=m, ignore_eos=True, seed=i, detokenize=False)
-              for i, m in enumerate(work["lengths"])]
-    llm.generate(reqs[:2], params[:2], use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(reqs, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    print(json.dumps({"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": dt}))
+
+    def main():  # vLLM spawns its engine core: everything under the __main__ guard
+        model_dir, work = sys.argv[1], json.load(open(sys.argv[2]))
+        llm = LLM(model=model_dir, skip_tokenizer_init=True, dtype="float32", max_model_len=work["max_len"],
+                  enforce_eager=True, seed=0)
+        reqs = [{"prompt_token_ids": p} for p in work["prompts"]]
+        # no per-request seed: vLLM CPU rejects it ("CPU Generator does not use offset")
+        params = [SamplingParams(n=work["n"], temperature=1.0, max_tokens=m, ignore_eos=True, detokenize=False)
+                  for i, m in enumerate(work["lengths"])]
+        llm.generate(reqs[:2], params[:2], use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate(reqs, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        print("VLLM_RESULT " + json.dumps({"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": dt}), flush=True)
+
+    if __name__ == "__main__":
+        main()
     """
 )
 
@@ -126,7 +135,7 @@ def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float |
             model_dir = os.path.join(tmp, "model")
             model.save_pretrained(model_dir)
         work = os.path.join(tmp, "work.json")
-        max_len = max(len(p) for p in prompts) + max(lengths) + 8
+        max_len = min(max(len(p) for p in prompts) + max(lengths) + 8, model.config.max_position_embeddings)
         Path(work).write_text(json.dumps(dict(prompts=prompts, lengths=lengths, n=n, max_len=max_len)))
         script = os.path.join(tmp, "run_vllm.py")
         Path(script).write_text(VLLM_SCRIPT)
@@ -134,15 +143,19 @@ def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float |
                    VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS=str(threads))
         proc = subprocess.run([str(VLLM_PYTHON), script, model_dir, work], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            print(f"  vLLM: failed (rc={proc.returncode}): {proc.stderr[-1500:]}")
+            tail = proc.stderr[-int(os.environ.get("VLLM_ERR_CHARS", "1500")) :]
+            print(f"  vLLM: failed (rc={proc.returncode}): {tail}")
             return None
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_RESULT ")][-1]
+        result = json.loads(line.removeprefix("VLLM_RESULT "))
         return result["tokens"] / result["seconds"]
 
 
 def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm, threads=1) -> dict:
     model, model_dir = build_model(size)
     params = sum(p.numel() for p in model.parameters())
+    # stay inside the model's context: prompt (up to 1.2x prompt_len) + completion <= max_position_embeddings
+    max_tokens = min(max_tokens, model.config.max_position_embeddings - int(prompt_len * 1.2) - 1)
     prompts, lengths = workload(num_prompts, prompt_len, max_tokens, model.config.vocab_size)
     print(f"[{size}] {params / 1e6:.2f}M params, {num_prompts} prompts x {n} samples, "
           f"lengths mean {sum(lengths) / len(lengths):.1f} max {max(lengths)} (cap {max_tokens})")

@@ -231,6 +231,7 @@ class Engine:
             [s.sample_index for s in rows],
             [s.num_generated for s in rows],
             device=logits.device,
+            any_seeded=any(p.seed is not None for p in params),
         )
         tokens, logprobs = sample(logits, batch)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()

@@ -61,7 +61,8 @@ def mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 class SamplingBatch:
     """Per-row parameters as tensors (built once per step from the rows' requests)."""
 
-    def __init__(self, temperature, top_k, top_p, seeds, samples, steps, device="cpu") -> None:
+    def __init__(self, temperature, top_k, top_p, seeds, samples, steps, device="cpu", any_seeded=True) -> None:
+        self.any_seeded = any_seeded
         self.temperature = torch.tensor(temperature, dtype=torch.float32, device=device)
         self.greedy = self.temperature <= 0
         self.all_greedy = bool(self.greedy.all())
@@ -85,7 +86,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
         filtered = mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
         scaled = torch.where(batch.greedy[:, None], scaled, filtered)
     logp = scaled.log_softmax(-1)
-    u = uniform_noise(batch.seeds, batch.samples, batch.steps, logits.shape[-1])
+    if batch.any_seeded:
+        u = uniform_noise(batch.seeds, batch.samples, batch.steps, logits.shape[-1])
+    else:  # no row asked for reproducibility: the global RNG is cheaper than hashing
+        u = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-10)
     gumbel = -torch.log(-torch.log(u))
     sampled = (logp + gumbel).argmax(-1)
     tokens = torch.where(batch.greedy, logits.argmax(-1), sampled)
