@@ -176,7 +176,7 @@ def compute_advantages(rewards: Tensor, cfg) -> Tensor:
     if cfg.advantage not in GROUP_METHODS:
         raise ValueError(
             f"compute_advantages handles {GROUP_METHODS}; advantage={cfg.advantage!r} is computed by the "
-            "train engine: call build_batch(groups, None, pad_token_id)"
+            "train engine: build the batch with advantages=None"
         )
     return group_advantages(rewards, method=cfg.advantage)
 
