@@ -20,7 +20,8 @@ Transports:
   process group (rank 0 = sender, ranks 1..k = receivers) built directly on that store, so it never
   touches the default process group the trainer may use for its own data parallelism. gloo for CPU
   buffers, NCCL for CUDA buffers, chosen at run time from `device`. Every store wait and collective has
-  a timeout, so a dead peer raises instead of hanging. Works across hosts (set GLOO_SOCKET_IFNAME /
+  a timeout (`timeout_s` per transfer, `connect_timeout_s` for forming the group), so a dead peer
+  raises instead of hanging. Works across hosts (set GLOO_SOCKET_IFNAME /
   NCCL_SOCKET_IFNAME there; for a loopback address we set GLOO_SOCKET_IFNAME=lo if it is unset).
 - `InProcessHub`: same-process sender and receivers (direct copies) for the synchronous loop and tests.
 Headers are pickled: the store is the cluster's own, not an untrusted endpoint.
@@ -112,6 +113,9 @@ class UpdateHeader:
 class SenderTransport(ABC):
     control_messages = 0  # counted where they are written
 
+    def connect(self) -> None:
+        """Form the group (blocks until every receiver joined, or raises after the timeout)."""
+
     @abstractmethod
     def start_update(self, header: UpdateHeader) -> None: ...
     @abstractmethod
@@ -126,6 +130,9 @@ class SenderTransport(ABC):
 
 class ReceiverTransport(ABC):
     control_messages = 0
+
+    def connect(self) -> None:
+        """Join the group (blocks until the sender and every other receiver joined, or raises)."""
 
     @abstractmethod
     def recv_start(self, timeout_s: float) -> UpdateHeader | None:
@@ -172,18 +179,23 @@ class _DistEnd:
 
     PIPELINE = 2  # double buffering on the wire: bucket k+1 is issued while bucket k completes
 
-    def _init_common(self, store, rank, world_size, device, timeout_s):
+    def _init_common(self, store, rank, world_size, device, timeout_s, connect_timeout_s):
         import torch.distributed as dist
 
         self._dist, self.store = dist, store
         self.ctl = dist.PrefixStore("ctl/", store)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.backend, self.timeout = _backend(device), timedelta(seconds=timeout_s)
+        # joining may take as long as a worker needs to start (imports, model load); a transfer should not
+        self.connect_timeout = timedelta(seconds=connect_timeout_s or timeout_s)
         self._pg, self._inflight = None, deque()
 
+    def connect(self) -> None:
+        self._group()
+
     def _group(self):
-        if self._pg is None:  # lazily: rendezvous only when the first update moves (all ranks must join)
-            self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.timeout)
+        if self._pg is None:  # rendezvous: every rank must join within the timeout
+            self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.connect_timeout)
         return self._pg
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
@@ -210,14 +222,16 @@ class _DistEnd:
 class DistSender(_DistEnd, SenderTransport):
     """Rank 0. Hosts the TCPStore; pass `.address` and `num_receivers` to every receiver."""
 
-    def __init__(self, num_receivers: int, address: str = "tcp://127.0.0.1:0", device="cpu", timeout_s: float = 300.0):
+    def __init__(self, num_receivers: int, address: str = "tcp://127.0.0.1:0", device="cpu", timeout_s: float = 300.0,
+                 connect_timeout_s: float | None = None):
         import torch.distributed as dist
 
         host, port = _parse(address)
         _loopback_env(host)
-        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout_s))
+        wait = timedelta(seconds=connect_timeout_s or timeout_s)
+        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=wait)
         self.address = f"tcp://{host}:{store.port}"
-        self._init_common(store, 0, num_receivers + 1, device, timeout_s)
+        self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s)
         self.ctl.set("meta", pickle.dumps({"backend": self.backend, "world_size": self.world_size}))
 
     def start_update(self, header: UpdateHeader) -> None:
@@ -243,15 +257,16 @@ class DistSender(_DistEnd, SenderTransport):
 class DistReceiver(_DistEnd, ReceiverTransport):
     """Rank `rank` in 1..num_receivers."""
 
-    def __init__(self, address: str, rank: int, num_receivers: int, device="cpu", timeout_s: float = 300.0):
+    def __init__(self, address: str, rank: int, num_receivers: int, device="cpu", timeout_s: float = 300.0,
+                 connect_timeout_s: float | None = None):
         import torch.distributed as dist
 
         if not 1 <= rank <= num_receivers:
             raise ValueError(f"receiver rank must be in 1..{num_receivers}, got {rank}")
         host, port = _parse(address)
         _loopback_env(host)
-        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
-        self._init_common(store, rank, num_receivers + 1, device, timeout_s)
+        store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s or timeout_s))
+        self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s)
         meta = pickle.loads(self.ctl.get("meta"))
         if meta["backend"] != self.backend or meta["world_size"] != self.world_size:
             raise ValueError(f"receiver ({self.backend}, world {self.world_size}) does not match sender {meta}")

@@ -129,6 +129,11 @@ class WeightReceiver:
         self.transport.close()
 
     @property
+    def peer_closed(self) -> bool:
+        """The publisher closed the channel; an update already received may still be waiting in poll()."""
+        return self._peer_closed
+
+    @property
     def stats(self) -> dict:
         out = {
             "weights/received": self.received,
@@ -183,6 +188,7 @@ class WeightReceiver:
 
     def _run(self) -> None:
         try:
+            self.transport.connect()
             while not self._stop:
                 header = self.transport.recv_start(self.poll_interval_s)
                 if header is None:

@@ -57,6 +57,7 @@ class WeightPublisher:
         self.device = None if device is None else torch.device(device)  # None: the tensors' own device
         self.history: list[PublishStats] = []
         self.coalesced_total = 0
+        self.connect_s: float | None = None  # time to form the group with every receiver
         self._cond = threading.Condition()
         self._layout: Layout | None = None
         self._free: list[torch.Tensor] = []
@@ -66,6 +67,7 @@ class WeightPublisher:
         self._last_version: int | None = None
         self._error: BaseException | None = None
         self._closing = False
+        self._connected = threading.Event()
         self._thread = threading.Thread(target=self._run, name="areal-weight-publisher", daemon=True)
         self._thread.start()
 
@@ -104,6 +106,15 @@ class WeightPublisher:
             self._pending = snap
             self._cond.notify_all()
             return snap.snapshot_s
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until every receiver joined the group (publishing before that is fine too: it queues)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._connected.wait(0.01):
+            with self._cond:
+                self._raise_if_failed()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"receivers did not join within {timeout}s")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until everything published has reached every receiver; raises the sender's error if any."""
@@ -161,6 +172,16 @@ class WeightPublisher:
             raise RuntimeError(f"weight publisher failed: {self._error}") from self._error
 
     def _run(self) -> None:
+        try:  # form the group at start-up, so a missing rollout worker is reported early
+            t0 = time.perf_counter()
+            self.transport.connect()
+            self.connect_s = time.perf_counter() - t0
+            self._connected.set()
+        except BaseException as exc:
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+            return
         while True:
             with self._cond:
                 while self._pending is None and not self._closing:

@@ -1,0 +1,341 @@
+"""Trainer -> rollout weight broadcast: layout, in-process logic, and real processes over gloo/loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from areal.rollout.weight_receiver import WeightReceiver, apply
+from areal.trainer.weight_publisher import WeightPublisher
+from areal.transport import ALIGN, DistReceiver, DistSender, InProcessHub, SenderTransport, plan_layout
+
+TIMEOUT_S = 20.0  # every collective / store wait in these tests; a hang fails instead of blocking CI
+
+
+def make_weights(version: int, scale: int = 1) -> dict[str, torch.Tensor]:
+    """Deterministic per version, mixed dtypes and odd shapes; ~0.2 MB per unit of scale."""
+    g = torch.Generator().manual_seed(1000 + version)
+    return {
+        "embed.weight": torch.randn(97 * scale, 129, generator=g),
+        "layer.0.bias": torch.randn(13, generator=g).to(torch.bfloat16),
+        "layer.0.weight": torch.randn(129, 301 * scale, generator=g),
+        "step_count": torch.full((3,), version, dtype=torch.int64),
+        "scalar": torch.tensor(float(version)),
+    }
+
+
+def tiny_qwen2(seed: int):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    return AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+class RecordingEngine:
+    """Stands in for the rollout engine: keeps a copy of every tensor it is given."""
+
+    def __init__(self):
+        self.version, self.weights, self.modes = None, {}, []
+
+    def update_weights(self, version, named_tensors, mode="keep"):
+        self.weights = {n: t.clone() for n, t in named_tensors}
+        self.version = version
+        self.modes.append(mode)
+
+
+# ------------------------------------------------------------------ pure layout
+def test_layout_offsets_aligned_and_buckets_cover_buffer():
+    w = make_weights(0)
+    layout = plan_layout(w.items(), bucket_bytes=100_000)
+    assert [t.name for t in layout.tensors] == list(w)
+    for t, (name, x) in zip(layout.tensors, w.items()):
+        assert t.offset % ALIGN == 0 and t.nbytes == x.numel() * x.element_size()
+    assert all(a.offset + a.nbytes <= b.offset for a, b in zip(layout.tensors, layout.tensors[1:]))
+    # buckets are consecutive byte ranges of 100_032 bytes (100_000 rounded up to 64) covering everything
+    assert layout.buckets[0] == (0, 100_032)
+    assert all(a[1] == b[0] for a, b in zip(layout.buckets, layout.buckets[1:]))
+    assert layout.buckets[-1][1] == layout.total_bytes and len(layout.buckets) == -(-layout.total_bytes // 100_032)
+    flat = layout.new_buffer()
+    for (_, dst), x in zip(layout.views(flat), w.values()):
+        dst.copy_(x)
+    assert all(torch.equal(v, w[n]) for n, v in layout.views(flat))
+
+
+# ------------------------------------------------------------------ in-process
+class GatedSender(SenderTransport):
+    """Wraps a sender; start_update blocks until the test opens the gate (a slow wire, made deterministic)."""
+
+    def __init__(self, inner):
+        self.inner, self.gate, self.started = inner, threading.Event(), threading.Event()
+
+    @property
+    def control_messages(self):
+        return self.inner.control_messages
+
+    def start_update(self, header):
+        self.started.set()
+        assert self.gate.wait(TIMEOUT_S)
+        self.inner.start_update(header)
+
+    def send_bucket(self, b):
+        self.inner.send_bucket(b)
+
+    def finish_update(self, h):
+        self.inner.finish_update(h)
+
+    def close(self):
+        self.inner.close()
+
+
+def test_coalescing_latest_version_wins_and_publish_never_waits():
+    hub = InProcessHub(timeout_s=TIMEOUT_S)
+    receiver = WeightReceiver(hub.receiver())
+    sender = GatedSender(hub.sender())
+    pub = WeightPublisher(sender, bucket_mb=0.1)
+    pub.publish(1, make_weights(1))
+    assert sender.started.wait(TIMEOUT_S)  # v1 is now "on the wire" and stuck there
+    t0 = time.perf_counter()
+    for v in range(2, 7):
+        pub.publish(v, make_weights(v))  # v2..v5 are replaced by v6 before they start
+    assert time.perf_counter() - t0 < 1.0  # never waited for the stuck transfer
+    with pytest.raises(ValueError):
+        pub.publish(6, make_weights(6))  # versions must increase
+    sender.gate.set()
+    pub.wait(TIMEOUT_S)
+    assert [s.version for s in pub.history] == [1, 6]
+    assert [s.coalesced for s in pub.history] == [0, 4] and pub.coalesced_total == 4
+    assert sender.control_messages == 2  # one per update sent
+    update = receiver.wait_for(6, timeout=TIMEOUT_S)
+    engine = RecordingEngine()
+    pause = apply(update, engine, mode="recompute")
+    assert engine.version == 6 and engine.modes == ["recompute"] and pause >= 0
+    assert all(torch.equal(engine.weights[n], t) for n, t in make_weights(6).items())
+    assert receiver.stats["weights/applied_version"] == 6 and receiver.stats["weights/pause_s"] == pause
+    pub.close()
+    receiver.close()
+
+
+def test_receiver_keeps_only_newest_unpolled_and_wait_for_semantics():
+    hub = InProcessHub(timeout_s=TIMEOUT_S)
+    receiver = WeightReceiver(hub.receiver())
+    pub = WeightPublisher(hub.sender(), bucket_mb=0.05)
+    for v in (1, 2, 3):
+        pub.publish(v, make_weights(v))
+        pub.wait(TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while receiver.received < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert receiver.received == 3 and receiver.dropped == 2  # nobody polled v1, v2
+    held = receiver.poll()
+    assert held.version == 3 and receiver.poll() is None
+    assert receiver.wait_for(2, timeout=1) is None  # already handed out: nothing new to apply
+    with pytest.raises(TimeoutError):
+        receiver.wait_for(4, timeout=0.05)
+    assert all(torch.equal(t, make_weights(3)[n]) for n, t in held.named_tensors())
+    pub.close()
+    with pytest.raises(ConnectionError):
+        receiver.wait_for(4, timeout=TIMEOUT_S)  # publisher closed: a clear error, not a hang
+    assert receiver.peer_closed
+    receiver.close()
+
+
+def test_update_applies_to_the_rollout_engine():
+    from areal.rollout import Engine, SamplingParams
+
+    trainer_model, engine = tiny_qwen2(seed=1), Engine(tiny_qwen2(seed=2), num_blocks=16, block_size=4, seed=0)
+    hub = InProcessHub(timeout_s=TIMEOUT_S)
+    receiver = WeightReceiver(hub.receiver())
+    pub = WeightPublisher(hub.sender())
+    pub.publish(1, ((n, p.detach()) for n, p in trainer_model.named_parameters()))
+    apply(receiver.wait_for(1, timeout=TIMEOUT_S), engine)
+    assert engine.version == 1
+    engine_params = dict(engine.runner.model.named_parameters())
+    assert all(torch.equal(engine_params[n], p) for n, p in trainer_model.named_parameters())
+    out = engine.generate([[3, 4, 5]], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))
+    assert out[0].versions == [1, 1, 1]
+    pub.close()
+    receiver.close()
+
+
+# ------------------------------------------------------------------ real processes
+def _receiver_proc(address, rank, k, scenario, arg, results):
+    torch.set_num_threads(1)
+    out = {"rank": rank, "applied": [], "exact": [], "pauses": []}
+    try:
+        receiver = WeightReceiver(DistReceiver(address, rank, k, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S * 2))
+        engine = RecordingEngine()
+        if scenario == "sync":  # η=0: wait for each version, apply, acknowledge
+            for v in range(1, arg + 1):
+                update = receiver.wait_for(v, timeout=TIMEOUT_S)
+                out["pauses"].append(apply(update, engine))
+                out["applied"].append(engine.version)
+                out["exact"].append(all(torch.equal(engine.weights[n], t) for n, t in make_weights(v).items()))
+                results.put(("ack", rank, v))
+            # then version arg+1 carries a tiny Qwen2 (a new layout): load it into a differently
+            # initialised model through named_tensors and return its logits
+            model = tiny_qwen2(seed=123)
+            update = receiver.wait_for(arg + 1, timeout=TIMEOUT_S)
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in update.named_tensors():
+                    params[n].copy_(t)
+                update.release()
+                out["logits"] = model(torch.tensor([[5, 9, 2, 33, 7]])).logits.numpy()  # plain bytes, no shm
+        elif scenario == "stream":  # poll between "engine steps"; rank 2 is slow to poll
+            step_s = 0.25 if rank == 2 else 0.002
+            deadline = time.monotonic() + TIMEOUT_S
+            while engine.version != arg and time.monotonic() < deadline:
+                update = receiver.poll()
+                if update is not None:
+                    apply(update, engine)
+                    out["applied"].append(engine.version)
+                    out["exact"].append(all(torch.equal(engine.weights[n], t)
+                                            for n, t in make_weights(engine.version, 16).items()))
+                time.sleep(step_s)
+        elif scenario == "hold":  # take the first update, then die without a word
+            receiver.wait_for(1, timeout=TIMEOUT_S)
+            results.put(("ack", rank, 1))
+            time.sleep(60)
+        out["control_messages"] = receiver.transport.control_messages
+        out["stats"] = receiver.stats
+        receiver.close()
+    except BaseException as exc:  # report, do not hang the parent
+        out["error"] = repr(exc)
+    results.put(("done", rank, out))
+
+
+def _spawn(pub_sender, k, scenario, arg):  # receivers: transfer timeout TIMEOUT_S, joining 2x that
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_receiver_proc, args=(pub_sender.address, r, k, scenario, arg, results), daemon=True)
+             for r in range(1, k + 1)]
+    for p in procs:
+        p.start()
+    return procs, results
+
+
+def _collect(procs, results, kind="done", n=None):
+    got = {}
+    for _ in range(n or len(procs)):
+        msg = results.get(timeout=TIMEOUT_S * 2)
+        assert msg[0] == kind, msg
+        got[msg[1]] = msg[2]
+    return got
+
+
+def _reap(procs):
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+
+
+def test_two_processes_receive_bit_identical_versions_in_order_then_a_model():
+    sender = DistSender(num_receivers=2, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S * 2)
+    procs, results = _spawn(sender, 2, "sync", 4)
+    pub = WeightPublisher(sender, bucket_mb=0.02)  # ~0.2 MB -> 10 buckets
+    try:
+        for v in range(1, 5):
+            pub.publish(v, make_weights(v))
+            acks = [results.get(timeout=TIMEOUT_S * 2) for _ in range(2)]  # both applied v: synchronous RL
+            assert sorted(a[1] for a in acks) == [1, 2] and all(a[2] == v for a in acks), acks
+        trainer_model = tiny_qwen2(seed=7)
+        pub.publish(5, ((n, p.detach()) for n, p in trainer_model.named_parameters()))
+        pub.close()
+        done = _collect(procs, results)
+    finally:
+        _reap(procs)
+    for rank, out in done.items():
+        assert "error" not in out, out
+        assert out["applied"] == [1, 2, 3, 4] and all(out["exact"])
+        assert out["control_messages"] == 5
+        assert len(out["pauses"]) == 4 and out["stats"]["weights/received"] == 5
+    assert sender.control_messages == 5  # one control message per update, not per tensor/bucket
+    assert [s.version for s in pub.history] == [1, 2, 3, 4, 5] and [s.seq for s in pub.history] == [0, 1, 2, 3, 4]
+    first = pub.history[0]
+    assert first.bytes == plan_layout(make_weights(1).items(), 1).total_bytes
+    assert first.buckets == -(-first.bytes // 20992) == 10  # 0.02 MiB = 20971.52 -> 20992 bytes (64-aligned)
+    assert first.transfer_s > 0 and first.snapshot_s > 0
+    assert pub.stats["weights/coalesced"] == 0
+    # model round trip: the receivers' differently initialised Qwen2 now computes the trainer's logits
+    with torch.no_grad():
+        x = torch.tensor([[5, 9, 2, 33, 7]])
+        expected = trainer_model(x).logits
+        assert not torch.equal(tiny_qwen2(seed=123)(x).logits, expected)
+    for out in done.values():
+        assert torch.equal(torch.from_numpy(out["logits"]), expected)
+
+
+def test_slow_receiver_never_blocks_publish_and_latest_version_wins():
+    sender = DistSender(num_receivers=2, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S * 2)
+    procs, results = _spawn(sender, 2, "stream", 20)
+    pub = WeightPublisher(sender, bucket_mb=1)  # ~3.2 MB per version, 4 buckets
+    burst = {v: make_weights(v, scale=16) for v in range(11, 21)}
+    publish_s = []
+    try:
+        pub.wait_connected(TIMEOUT_S * 2)
+        for v in range(1, 11):  # paced: one version per ~"training step"
+            weights = make_weights(v, scale=16)
+            t0 = time.perf_counter()
+            pub.publish(v, weights)
+            publish_s.append(time.perf_counter() - t0)
+            time.sleep(0.02)
+        for v in range(11, 21):  # a burst: faster than the wire (a transfer takes ~10 ms here)
+            t0 = time.perf_counter()
+            pub.publish(v, burst[v])
+            publish_s.append(time.perf_counter() - t0)
+        pub.wait(TIMEOUT_S)
+        done = _collect(procs, results)
+        pub.close()
+    finally:
+        _reap(procs)
+    # publish() only copies: it never waits for the wire or for rank 2, which polls every 0.25 s
+    assert max(publish_s) < 0.05, publish_s
+    assert sorted(publish_s)[len(publish_s) // 2] < 0.01, publish_s  # a 3 MB memcpy, typically ~1 ms
+    sent = [s.version for s in pub.history]
+    assert sent == sorted(sent) and sent[-1] == 20
+    assert pub.coalesced_total > 0 and len(sent) + pub.coalesced_total == 20  # burst versions were skipped
+    assert sum(s.coalesced for s in pub.history) == pub.coalesced_total
+    for rank, out in done.items():
+        assert "error" not in out, out
+        assert out["applied"][-1] == 20 and out["applied"] == sorted(out["applied"]) and all(out["exact"])
+        assert out["control_messages"] == len(sent) == out["stats"]["weights/received"]
+    # the slow poller applied fewer versions: complete updates it had not polled yet were superseded
+    assert done[2]["stats"]["weights/dropped"] > 0
+    assert len(done[2]["applied"]) < len(done[1]["applied"])
+
+
+def test_dead_receiver_surfaces_an_error_instead_of_hanging():
+    sender = DistSender(num_receivers=2, timeout_s=5, connect_timeout_s=TIMEOUT_S * 2)
+    procs, results = _spawn(sender, 2, "hold", None)
+    pub = WeightPublisher(sender, bucket_mb=0.1)
+    try:
+        pub.publish(1, make_weights(1))
+        _collect(procs, results, kind="ack", n=2)
+        procs[1].kill()
+        procs[1].join(10)
+        pub.publish(2, make_weights(2))
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="weight publisher failed"):
+            pub.wait(TIMEOUT_S)
+        assert time.perf_counter() - t0 < 10
+        with pytest.raises(RuntimeError):
+            pub.publish(3, make_weights(3))
+    finally:
+        for p in procs:
+            p.kill()
+        pub.close()
+
+
+def test_receiver_that_never_joins_times_out():
+    pub = WeightPublisher(DistSender(num_receivers=1, timeout_s=1.5))  # connect timeout = timeout_s
+    pub.publish(1, make_weights(1))
+    with pytest.raises(RuntimeError, match="weight publisher failed"):
+        pub.wait(TIMEOUT_S)
+    pub.close()
