@@ -179,7 +179,8 @@ class Engine:
                 finished.extend((seq.request.request_id, o) for o in self._finish_all(seq, "length"))
         pairs = [(s, n) for s, n in zip(batch.seqs, batch.num_new) if n > 0]
         if pairs:
-            pairs.sort(key=lambda p: p[1] != 1)  # single-token queries first (stable)
+            # single-token queries first, by block-table length (attention buckets by length)
+            pairs.sort(key=lambda p: (p[1] != 1, len(p[0].block_table)))
             seqs = [p[0] for p in pairs]
             num_new = [p[1] for p in pairs]
             self.runner.copy_blocks(batch.copies)

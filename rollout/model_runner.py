@@ -25,6 +25,7 @@ from areal.kernels.paged_attention import (
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ATTN_IMPL_NAME = "areal_paged"
+DECODE_BUCKET_GROWTH = 2  # a new decode bucket starts where a table is this many times the bucket's first
 
 
 @dataclass
@@ -37,18 +38,22 @@ class StepContext:
     num_decode: int  # the first num_decode packed tokens are single-token queries
     decode_tables: torch.Tensor | None
     decode_context_lens: torch.Tensor | None
+    # decode rows [start, end) whose block tables are at most `width` long: attending per bucket
+    # avoids padding every sequence to the longest one (long-tailed lengths)
+    decode_buckets: list[tuple[int, int, int]]
     prefill_tables: torch.Tensor | None
     prefill_context_lens: torch.Tensor | None
     prefill_query_lens: torch.Tensor | None
     _plans: dict = field(default_factory=dict)
 
-    def plan(self, group: str, window: int | None) -> VarlenPlan:
+    def plan(self, group, window: int | None) -> VarlenPlan:
         key = (group, window)
         if key not in self._plans:
-            if group == "decode":
-                lens = self.decode_context_lens
+            if isinstance(group, tuple):  # ("decode", start, end, width)
+                _, start, end, width = group
+                lens = self.decode_context_lens[start:end]
                 self._plans[key] = build_varlen_plan(
-                    self.decode_tables, lens, torch.ones_like(lens), self.block_size, window
+                    self.decode_tables[start:end, :width], lens, torch.ones_like(lens), self.block_size, window
                 )
             else:
                 self._plans[key] = build_varlen_plan(
@@ -64,7 +69,11 @@ def _decode_attention(q, k_cache, v_cache, ctx: StepContext, scale: float, windo
         return paged_attention_decode_triton(
             q, k_cache, v_cache, ctx.decode_tables, ctx.decode_context_lens, scale, ctx.block_size
         )
-    return paged_attention_planned(q, k_cache, v_cache, ctx.plan("decode", window), scale)
+    parts = [
+        paged_attention_planned(q[start:end], k_cache, v_cache, ctx.plan(("decode", start, end, width), window), scale)
+        for start, end, width in ctx.decode_buckets
+    ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 0)
 
 
 def paged_attention_forward(
@@ -161,7 +170,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, seqs, num_new: list[int], sample_mask: list[bool]) -> torch.Tensor:
-        """One forward over the scheduled chunks. Sequences with num_new == 1 must come first.
+        """One forward over the scheduled chunks. Sequences with num_new == 1 must come first
+        (best sorted by block-table length: they are attended in buckets of similar length).
         Returns float32 logits [num_sampling, V] for the sequences flagged in sample_mask (in order)."""
         device = self.device
         input_ids: list[int] = []
@@ -189,7 +199,14 @@ class ModelRunner:
         token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), qlens_t)
         bs = self.block_size
         slot_mapping = tables_t[token_seq, pos_t // bs] * bs + pos_t % bs
+        buckets = []
+        start = 0
+        for i in range(1, num_decode + 1):
+            if i == num_decode or len(tables[i]) > DECODE_BUCKET_GROWTH * max(1, len(tables[start])):
+                buckets.append((start, i, max(len(t) for t in tables[start:i])))
+                start = i
         ctx = StepContext(
+            decode_buckets=buckets,
             kv=self.kv,
             slot_mapping=slot_mapping,
             block_size=bs,
