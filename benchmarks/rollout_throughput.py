@@ -64,29 +64,29 @@ def workload(num_prompts: int, prompt_len: int, max_tokens: int, vocab: int, see
     return prompts, lengths
 
 
-def run_areal(model, prompts, lengths, n) -> float:
+def run_areal(model, prompts, lengths, n) -> tuple[float, float]:
     from areal.rollout import Engine, SamplingParams
 
     total = n * sum(len(p) + m for p, m in zip(prompts, lengths))
     engine = Engine(model, num_blocks=max(64, total // 16 + 4 * len(prompts) * n), block_size=16,
                     max_num_seqs=1024, max_num_batched_tokens=4096)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i, (p, m) in enumerate(zip(prompts, lengths)):
         engine.add_request(p, SamplingParams(
             n=n, temperature=1.0, max_new_tokens=m, ignore_eos=True), prompt_index=i)
     produced = 0
     while engine.has_unfinished():
         produced += sum(len(o.token_ids) for _, o in engine.step())
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert produced == n * sum(lengths), (produced, n * sum(lengths))
     print(f"  areal stats: {engine.stats()}")
-    return produced / elapsed
+    return produced / elapsed, produced / cpu
 
 
 @torch.inference_mode()
-def run_hf(model, prompts, lengths, n, batch_size: int) -> float:
+def run_hf(model, prompts, lengths, n, batch_size: int) -> tuple[float, float]:
     rows = [(p, m) for p, m in zip(prompts, lengths) for _ in range(n)]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         width = max(len(p) for p, _ in chunk)
@@ -98,7 +98,7 @@ def run_hf(model, prompts, lengths, n, batch_size: int) -> float:
         model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                        max_new_tokens=max(m for _, m in chunk), min_new_tokens=max(m for _, m in chunk),
                        pad_token_id=0, eos_token_id=None)
-    return n * sum(lengths) / (time.perf_counter() - t0)
+    return n * sum(lengths) / (time.perf_counter() - t0), n * sum(lengths) / (time.process_time() - c0)
 
 
 VLLM_SCRIPT = textwrap.dedent(
@@ -115,10 +115,10 @@ VLLM_SCRIPT = textwrap.dedent(
         params = [SamplingParams(n=work["n"], temperature=1.0, max_tokens=m, ignore_eos=True, detokenize=False)
                   for i, m in enumerate(work["lengths"])]
         llm.generate(reqs[:2], params[:2], use_tqdm=False)  # warm-up
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         outs = llm.generate(reqs, params, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        print("VLLM_RESULT " + json.dumps({"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": dt}), flush=True)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print("VLLM_RESULT " + json.dumps({"tokens": sum(len(c.token_ids) for o in outs for c in o.outputs), "seconds": dt, "cpu_seconds": cpu}), flush=True)
 
     if __name__ == "__main__":
         main()
@@ -126,7 +126,7 @@ VLLM_SCRIPT = textwrap.dedent(
 )
 
 
-def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float | None:
+def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> tuple[float, float] | None:
     if not VLLM_PYTHON.exists():
         print(f"  vLLM: skipped (no virtualenv at {VLLM_PYTHON.parent.parent}; run scripts/setup_vllm_cpu.sh)")
         return None
@@ -140,7 +140,9 @@ def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float |
         script = os.path.join(tmp, "run_vllm.py")
         Path(script).write_text(VLLM_SCRIPT)
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_TARGET_DEVICE="cpu",
-                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS=str(threads))
+                   VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"), OMP_NUM_THREADS=str(threads),
+                   # engine core in-process: one process, so its CPU time is measurable like ours
+                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
         proc = subprocess.run([str(VLLM_PYTHON), script, model_dir, work], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             tail = proc.stderr[-int(os.environ.get("VLLM_ERR_CHARS", "1500")) :]
@@ -148,7 +150,7 @@ def run_vllm(model, model_dir, prompts, lengths, n, threads: int = 1) -> float |
             return None
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_RESULT ")][-1]
         result = json.loads(line.removeprefix("VLLM_RESULT "))
-        return result["tokens"] / result["seconds"]
+        return result["tokens"] / result["seconds"], result["tokens"] / result["cpu_seconds"]
 
 
 def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm, threads=1) -> dict:
@@ -159,14 +161,18 @@ def bench(size, num_prompts, n, prompt_len, max_tokens, hf_batch, skip_vllm, thr
     prompts, lengths = workload(num_prompts, prompt_len, max_tokens, model.config.vocab_size)
     print(f"[{size}] {params / 1e6:.2f}M params, {num_prompts} prompts x {n} samples, "
           f"lengths mean {sum(lengths) / len(lengths):.1f} max {max(lengths)} (cap {max_tokens})")
-    areal = run_areal(model, prompts, lengths, n)
-    print(f"  areal engine      : {areal:9.1f} tok/s")
-    hf = run_hf(model, prompts, lengths, n, hf_batch)
-    print(f"  HF generate static: {hf:9.1f} tok/s   areal/HF = {areal / hf:.2f}x")
+    # wall-clock tok/s, and tok/s per CPU-second of the process (robust on a shared, busy machine)
+    areal, areal_cpu = run_areal(model, prompts, lengths, n)
+    print(f"  areal engine      : {areal:9.1f} tok/s  ({areal_cpu:9.1f} tok/cpu-s)")
+    hf, hf_cpu = run_hf(model, prompts, lengths, n, hf_batch)
+    print(f"  HF generate static: {hf:9.1f} tok/s  ({hf_cpu:9.1f} tok/cpu-s)   areal/HF = {areal / hf:.2f}x "
+          f"(cpu {areal_cpu / hf_cpu:.2f}x)")
     vllm = None if skip_vllm else run_vllm(model, model_dir, prompts, lengths, n, threads)
+    vllm, vllm_cpu = vllm if vllm else (None, None)
     if vllm:
-        print(f"  vLLM CPU          : {vllm:9.1f} tok/s   areal/vLLM = {areal / vllm:.2f}x")
-    return dict(params=params, areal=areal, hf=hf, vllm=vllm)
+        print(f"  vLLM CPU          : {vllm:9.1f} tok/s  ({vllm_cpu:9.1f} tok/cpu-s)   areal/vLLM = {areal / vllm:.2f}x "
+              f"(cpu {areal_cpu / vllm_cpu:.2f}x)")
+    return dict(params=params, areal=areal, hf=hf, vllm=vllm, areal_cpu=areal_cpu, hf_cpu=hf_cpu, vllm_cpu=vllm_cpu)
 
 
 def main() -> None:
@@ -191,6 +197,9 @@ def main() -> None:
         vllm_tokens_per_s=None if tiny["vllm"] is None else round(tiny["vllm"], 1),
         areal_over_hf=round(tiny["areal"] / tiny["hf"], 2),
         areal_over_vllm=None if not tiny["vllm"] else round(tiny["areal"] / tiny["vllm"], 2),
+        areal_tokens_per_cpu_s=round(tiny["areal_cpu"], 1),
+        hf_tokens_per_cpu_s=round(tiny["hf_cpu"], 1),
+        vllm_tokens_per_cpu_s=None if tiny["vllm_cpu"] is None else round(tiny["vllm_cpu"], 1),
     )
     if not args.skip_large:
         large = bench("large", args.large_prompts, args.n, args.prompt_len, args.large_max_tokens,
