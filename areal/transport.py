@@ -266,6 +266,7 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         host, port = _parse(address)
         _loopback_env(host)
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s or timeout_s))
+        self.address = address
         self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s)
         meta = pickle.loads(self.ctl.get("meta"))
         if meta["backend"] != self.backend or meta["world_size"] != self.world_size:
@@ -276,13 +277,16 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         key = f"update/{self._next_seq}"
         deadline, nap = time.monotonic() + timeout_s, 0.0005
         while True:
-            # check() polls without the C++ timeout warnings that store.wait(timeout) prints
-            if self.ctl.check([key]):
-                header = pickle.loads(self.ctl.get(key))
+            try:  # check() polls without the C++ timeout warnings that store.wait(timeout) prints
+                found, closed = self.ctl.check([key]), self.ctl.check(["closed"])
+                header = pickle.loads(self.ctl.get(key)) if found else None
+            except Exception as exc:  # the store lives in the publisher: it died or the network is gone
+                raise ConnectionError(f"weight publisher's store at {self.address} unreachable: {exc}") from exc
+            if header is not None:
                 self._next_seq += 1
                 self.control_messages += 1
                 return header
-            if self.ctl.check(["closed"]):
+            if closed:
                 raise PeerClosed("weight publisher closed the channel")
             if time.monotonic() >= deadline:
                 return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 
@@ -26,6 +27,15 @@ def make_weights(version: int, scale: int = 1) -> dict[str, torch.Tensor]:
         "step_count": torch.full((3,), version, dtype=torch.int64),
         "scalar": torch.tensor(float(version)),
     }
+
+
+def digest(named_tensors) -> str:
+    """sha256 over names and raw bytes: equal digests = bit-identical tensors."""
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(name.encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def tiny_qwen2(seed: int):
@@ -177,16 +187,19 @@ def _receiver_proc(address, rank, k, scenario, arg, results):
                 out["applied"].append(engine.version)
                 out["exact"].append(all(torch.equal(engine.weights[n], t) for n, t in make_weights(v).items()))
                 results.put(("ack", rank, v))
-            # then version arg+1 carries a tiny Qwen2 (a new layout): load it into a differently
-            # initialised model through named_tensors and return its logits
-            model = tiny_qwen2(seed=123)
+            # then version arg+1 carries a tiny Qwen2 (a new layout). Rank 1 loads it into a differently
+            # initialised model through named_tensors and returns its logits; rank 2 (sparing this 2-core
+            # box a second transformers import) returns a digest of what it received.
+            model = tiny_qwen2(seed=123) if rank == 1 else None
             update = receiver.wait_for(arg + 1, timeout=TIMEOUT_S)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, t in update.named_tensors():
-                    params[n].copy_(t)
-                update.release()
-                out["logits"] = model(torch.tensor([[5, 9, 2, 33, 7]])).logits.numpy()  # plain bytes, no shm
+            out["digest"] = digest(update.named_tensors())
+            if model is not None:
+                params = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, t in update.named_tensors():
+                        params[n].copy_(t)
+                    out["logits"] = model(torch.tensor([[5, 9, 2, 33, 7]])).logits.numpy()  # plain bytes, no shm
+            update.release()
         elif scenario == "stream":  # poll between "engine steps"; rank 2 is slow to poll
             step_s = 0.25 if rank == 2 else 0.002
             deadline = time.monotonic() + TIMEOUT_S
@@ -210,14 +223,46 @@ def _receiver_proc(address, rank, k, scenario, arg, results):
     results.put(("done", rank, out))
 
 
-def _spawn(pub_sender, k, scenario, arg):  # receivers: transfer timeout TIMEOUT_S, joining 2x that
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_receiver_proc, args=(pub_sender.address, r, k, scenario, arg, results), daemon=True)
-             for r in range(1, k + 1)]
-    for p in procs:
-        p.start()
-    return procs, results
+def _pool_worker(tasks, results):
+    torch.set_num_threads(1)
+    while (task := tasks.get()) is not None:
+        _receiver_proc(*task, results)
+
+
+class ReceiverPool:
+    """Two long-lived spawned receiver processes shared by the multi-process tests: starting a process
+    (importing torch) costs seconds on this box, running one more scenario in it costs nothing."""
+
+    def __init__(self, k: int = 2):
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(k)]
+        self.procs = [ctx.Process(target=_pool_worker, args=(q, self.results), daemon=True) for q in self.tasks]
+        for p in self.procs:
+            p.start()
+
+    def run(self, sender, scenario, arg):  # receivers: transfer timeout TIMEOUT_S, joining 2x that
+        while not self.results.empty():  # leftovers of a failed earlier test
+            self.results.get_nowait()
+        k = len(self.procs)
+        for rank, q in enumerate(self.tasks, start=1):
+            q.put((sender.address, rank, k, scenario, arg))
+        return self.procs, self.results
+
+    def close(self):
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def pool():
+    pool = ReceiverPool(2)
+    yield pool
+    pool.close()
 
 
 def _collect(procs, results, kind="done", n=None):
@@ -229,16 +274,9 @@ def _collect(procs, results, kind="done", n=None):
     return got
 
 
-def _reap(procs):
-    for p in procs:
-        p.join(timeout=10)
-        if p.is_alive():
-            p.kill()
-
-
-def test_two_processes_receive_bit_identical_versions_in_order_then_a_model():
+def test_two_processes_receive_bit_identical_versions_in_order_then_a_model(pool):
     sender = DistSender(num_receivers=2, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S * 2)
-    procs, results = _spawn(sender, 2, "sync", 4)
+    procs, results = pool.run(sender, "sync", 4)
     pub = WeightPublisher(sender, bucket_mb=0.02)  # ~0.2 MB -> 10 buckets
     try:
         for v in range(1, 5):
@@ -247,10 +285,9 @@ def test_two_processes_receive_bit_identical_versions_in_order_then_a_model():
             assert sorted(a[1] for a in acks) == [1, 2] and all(a[2] == v for a in acks), acks
         trainer_model = tiny_qwen2(seed=7)
         pub.publish(5, ((n, p.detach()) for n, p in trainer_model.named_parameters()))
-        pub.close()
-        done = _collect(procs, results)
     finally:
-        _reap(procs)
+        pub.close()
+    done = _collect(procs, results)
     for rank, out in done.items():
         assert "error" not in out, out
         assert out["applied"] == [1, 2, 3, 4] and all(out["exact"])
@@ -268,13 +305,14 @@ def test_two_processes_receive_bit_identical_versions_in_order_then_a_model():
         x = torch.tensor([[5, 9, 2, 33, 7]])
         expected = trainer_model(x).logits
         assert not torch.equal(tiny_qwen2(seed=123)(x).logits, expected)
-    for out in done.values():
-        assert torch.equal(torch.from_numpy(out["logits"]), expected)
+    assert torch.equal(torch.from_numpy(done[1]["logits"]), expected)
+    trainer_digest = digest((n, p.detach()) for n, p in trainer_model.named_parameters())
+    assert done[1]["digest"] == done[2]["digest"] == trainer_digest
 
 
-def test_slow_receiver_never_blocks_publish_and_latest_version_wins():
+def test_slow_receiver_never_blocks_publish_and_latest_version_wins(pool):
     sender = DistSender(num_receivers=2, timeout_s=TIMEOUT_S, connect_timeout_s=TIMEOUT_S * 2)
-    procs, results = _spawn(sender, 2, "stream", 20)
+    procs, results = pool.run(sender, "stream", 20)
     pub = WeightPublisher(sender, bucket_mb=1)  # ~3.2 MB per version, 4 buckets
     burst = {v: make_weights(v, scale=16) for v in range(11, 21)}
     publish_s = []
@@ -292,9 +330,8 @@ def test_slow_receiver_never_blocks_publish_and_latest_version_wins():
             publish_s.append(time.perf_counter() - t0)
         pub.wait(TIMEOUT_S)
         done = _collect(procs, results)
-        pub.close()
     finally:
-        _reap(procs)
+        pub.close()
     # publish() only copies: it never waits for the wire or for rank 2, which polls every 0.25 s
     assert max(publish_s) < 0.05, publish_s
     assert sorted(publish_s)[len(publish_s) // 2] < 0.01, publish_s  # a 3 MB memcpy, typically ~1 ms
@@ -311,9 +348,10 @@ def test_slow_receiver_never_blocks_publish_and_latest_version_wins():
     assert len(done[2]["applied"]) < len(done[1]["applied"])
 
 
-def test_dead_receiver_surfaces_an_error_instead_of_hanging():
+def test_dead_receiver_surfaces_an_error_instead_of_hanging(pool):
+    # the last test to use the pool: it kills one of its processes (the fixture reaps the rest)
     sender = DistSender(num_receivers=2, timeout_s=5, connect_timeout_s=TIMEOUT_S * 2)
-    procs, results = _spawn(sender, 2, "hold", None)
+    procs, results = pool.run(sender, "hold", None)
     pub = WeightPublisher(sender, bucket_mb=0.1)
     try:
         pub.publish(1, make_weights(1))
@@ -328,9 +366,41 @@ def test_dead_receiver_surfaces_an_error_instead_of_hanging():
         with pytest.raises(RuntimeError):
             pub.publish(3, make_weights(3))
     finally:
-        for p in procs:
-            p.kill()
         pub.close()
+
+
+def _publisher_proc(results):
+    torch.set_num_threads(1)
+    sender = DistSender(num_receivers=1, timeout_s=5, connect_timeout_s=TIMEOUT_S * 2)
+    results.put(sender.address)
+    pub = WeightPublisher(sender)
+    pub.publish(1, make_weights(1))
+    pub.wait(TIMEOUT_S)
+    results.put("sent")
+    time.sleep(60)  # then gets killed
+
+
+def test_dead_publisher_surfaces_an_error_on_the_receiver():
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_publisher_proc, args=(results,), daemon=True)
+    proc.start()
+    receiver = None
+    try:
+        address = results.get(timeout=TIMEOUT_S * 2)
+        receiver = WeightReceiver(DistReceiver(address, 1, 1, timeout_s=5, connect_timeout_s=TIMEOUT_S * 2))
+        assert receiver.wait_for(1, timeout=TIMEOUT_S * 2).version == 1
+        assert results.get(timeout=TIMEOUT_S) == "sent"
+        proc.kill()
+        proc.join(10)
+        t0 = time.perf_counter()
+        with pytest.raises(RuntimeError, match="unreachable"):
+            receiver.wait_for(2, timeout=TIMEOUT_S)
+        assert time.perf_counter() - t0 < 10
+    finally:
+        proc.kill()
+        if receiver is not None:
+            receiver.close()
 
 
 def test_receiver_that_never_joins_times_out():

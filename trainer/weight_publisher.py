@@ -92,12 +92,12 @@ class WeightPublisher:
                 if self._pending is not None:  # layout changed: drop the stale pending snapshot
                     coalesced = self._pending.coalesced + 1
                     self.coalesced_total += 1
-                flat = self._free.pop() if self._free else layout.new_buffer(self._device_of(pairs))
+                flat = self._free.pop() if self._free else self._new_buffer(layout, pairs)
                 snap = _Snapshot(version, layout, flat, 0.0, 0.0, coalesced)
             with torch.no_grad():
                 for (_, dst), (_, src) in zip(layout.views(snap.flat), pairs):
                     dst.copy_(src.detach(), non_blocking=True)
-            if snap.flat.is_cuda:
+            if snap.flat.is_cuda or any(t.is_cuda for _, t in pairs):
                 snap.ready = torch.cuda.Event()
                 snap.ready.record()  # the sender thread waits for the copy, not the trainer
             snap.version, snap.coalesced = version, coalesced
@@ -157,8 +157,11 @@ class WeightPublisher:
         }
 
     # ------------------------------------------------------------------ internals
-    def _device_of(self, pairs) -> torch.device:
-        return self.device if self.device is not None else (pairs[0][1].device if pairs else torch.device("cpu"))
+    def _new_buffer(self, layout: Layout, pairs) -> torch.Tensor:
+        device = self.device if self.device is not None else (pairs[0][1].device if pairs else torch.device("cpu"))
+        if device.type == "cpu" and any(t.is_cuda for _, t in pairs):  # GPU -> host snapshot: pinned, async
+            return torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=True)
+        return layout.new_buffer(device)
 
     def _layout_for(self, pairs) -> Layout:
         sig = tuple((n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in pairs)
