@@ -153,6 +153,16 @@ def _parse(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free right now, for a launcher that must hand the address out before the sender exists
+    (racy by nature; when the sender's process starts the workers, prefer port 0 and `.address`)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def _loopback_env(host: str) -> None:
     if host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -75,9 +75,10 @@ def apply(update: WeightUpdate, engine, mode: str = "keep") -> float:
 
 
 class WeightReceiver:
-    def __init__(self, transport: ReceiverTransport, device: str | torch.device = "cpu", poll_interval_s: float = 0.05):
+    def __init__(self, transport: ReceiverTransport, device: str | torch.device | None = None, poll_interval_s: float = 0.05):
         self.transport = transport
-        self.device = torch.device(device)
+        # receive buffers live where the transport moves data (CUDA for NCCL), unless told otherwise
+        self.device = torch.device(device if device is not None else getattr(transport, "device", "cpu"))
         self.poll_interval_s = poll_interval_s  # how often the thread re-checks for close()
         self.received = 0
         self.dropped = 0  # complete updates superseded before anyone polled them
@@ -152,8 +153,7 @@ class WeightReceiver:
     def _take(self) -> WeightUpdate | None:
         if self._ready is None:
             return None
-        if self._held is not None:  # the previous hand-out's views end here
-            self._held = None
+        # the previous hand-out (if any) is implicitly released: its views end here
         update, self._ready, self._held = self._ready, None, self._ready
         self._cond.notify_all()
         return update
