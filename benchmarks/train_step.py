@@ -52,7 +52,7 @@ MODELS = {
 }
 SETUPS = {  # groups x group size, prompt and completion lengths (lognormal: median, sigma, cap)
     "tiny-math": dict(groups=8, n=8, prompt=(8, 24), median=12, sigma=1.0, cap=200, microbatch_rows=16),
-    "qwen2-54m": dict(groups=4, n=4, prompt=(30, 80), median=120, sigma=0.9, cap=1024, microbatch_rows=4),
+    "qwen2-54m": dict(groups=3, n=4, prompt=(30, 80), median=120, sigma=0.9, cap=1024, microbatch_rows=4),
 }
 
 
