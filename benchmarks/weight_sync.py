@@ -121,7 +121,11 @@ def main() -> None:
     for name in args.models:
         for k in args.receivers:
             for mb in args.bucket_mb:
-                print(json.dumps(run(name, k, mb, args.updates)), flush=True)
+                try:
+                    row = run(name, k, mb, args.updates)
+                except Exception as exc:  # report the failing configuration and go on with the others
+                    row = {"model": name, "receivers": k, "bucket_mb": mb, "error": repr(exc)}
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
