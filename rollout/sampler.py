@@ -74,23 +74,30 @@ class SamplingBatch:
         self.steps = torch.tensor(steps, dtype=torch.long, device=device)
 
 
+def _logprob_at(scaled: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(scaled)[tokens] without materialising the full log-softmax."""
+    return scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, -1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] float32 -> (tokens [B], logprobs [B])."""
     if batch.all_greedy:
-        logp = logits.log_softmax(-1)
         tokens = logits.argmax(-1)
-        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
-    temp = torch.where(batch.greedy, torch.ones_like(batch.temperature), batch.temperature)
+        return tokens, _logprob_at(logits, tokens)
+    any_greedy = bool(batch.greedy.any())
+    temp = torch.where(batch.greedy, torch.ones_like(batch.temperature), batch.temperature) if any_greedy else batch.temperature
     scaled = logits / temp[:, None]
     if batch.needs_filter:
         filtered = mask_top_k_top_p(scaled, batch.top_k, batch.top_p)
-        scaled = torch.where(batch.greedy[:, None], scaled, filtered)
-    logp = scaled.log_softmax(-1)
+        scaled = torch.where(batch.greedy[:, None], scaled, filtered) if any_greedy else filtered
     if batch.any_seeded:
         u = uniform_noise(batch.seeds, batch.samples, batch.steps, logits.shape[-1])
+        gumbel = -torch.log(-torch.log(u))
     else:  # no row asked for reproducibility: the global RNG is cheaper than hashing
-        u = torch.rand(logits.shape, device=logits.device).clamp_(min=1e-10)
-    gumbel = -torch.log(-torch.log(u))
-    sampled = (logp + gumbel).argmax(-1)
-    tokens = torch.where(batch.greedy, logits.argmax(-1), sampled)
-    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+        # -log(Exp(1)) ~ Gumbel(0, 1); the clamp keeps a (vanishingly rare) 0 draw from becoming +inf
+        gumbel = torch.empty_like(scaled).exponential_().clamp_(min=1e-30).log_().neg_()
+    # argmax(scaled + g) == argmax(log_softmax(scaled) + g): the normaliser is constant per row
+    tokens = (gumbel.add_(scaled)).argmax(-1)
+    if any_greedy:
+        tokens = torch.where(batch.greedy, logits.argmax(-1), tokens)
+    return tokens, _logprob_at(scaled, tokens)

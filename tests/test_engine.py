@@ -285,3 +285,18 @@ def test_pool_smaller_than_request_finishes_with_length_instead_of_crashing():
     assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["preemptions"] > 0
     with pytest.raises(ValueError, match="max_model_len"):
         engine.add_request(list(range(16)), SamplingParams())
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampler_frequencies_follow_tempered_softmax(seeded):
+    from areal.rollout.sampler import SamplingBatch, sample
+
+    torch.manual_seed(0)
+    rows = 20000
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(rows, 1)
+    seeds = list(range(rows)) if seeded else [0] * rows
+    batch = SamplingBatch([0.7] * rows, [0] * rows, [1.0] * rows, seeds, [0] * rows, [0] * rows, any_seeded=seeded)
+    tokens, logprobs = sample(logits, batch)
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    assert torch.allclose(torch.bincount(tokens, minlength=4) / rows, expected, atol=0.015)  # ~5 sigma
+    assert torch.allclose(logprobs, expected.log()[tokens], atol=1e-5)
