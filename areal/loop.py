@@ -1,14 +1,15 @@
-"""The synchronous RL loop: generate, score, update, publish, repeat.
+"""Running a recipe: set up, step, log, evaluate, summarise.
 
-Roles stay separate even here: the rollout worker owns its own copy of the model and
-receives new weights only through `update_weights`, as a remote worker would.
+`run()` is the same for both modes; only the step iterator differs:
+  - `sync_steps`: one process alternating generation and training (the reference);
+  - `areal.async_loop.async_steps`: rollout workers and the trainer in separate processes.
+Each yields (step, groups, metrics) after every policy update.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,15 +24,13 @@ from areal.metrics import MetricsSink, read_metrics
 from areal.model import load_model, load_tokenizer
 from areal.recipe import Recipe
 from areal.report import write_report
-from areal.rewards import RewardPool
+from areal.rewards import RewardPool, load_reward_fn
 from areal.rollout.types import SamplingParams
 from areal.rollout.worker import Prompt, RolloutWorker, reward_fields
-from areal.runtime import make_run_dir, pick_device, seed_everything, set_threads
-from areal.trainer.advantages import filter_uniform_groups, group_advantages
+from areal.runtime import make_run_dir, pick_device, seed_everything
+from areal.trainer.advantages import filter_uniform_groups
 from areal.trainer.batch import build_batch
 from areal.trainer.engine import TrainEngine
-
-log = logging.getLogger("areal")
 
 
 def prepare_prompts(rows, recipe: Recipe, tokenizer, context_len: int | None, split: str) -> list[Prompt]:
@@ -51,34 +50,160 @@ def prepare_prompts(rows, recipe: Recipe, tokenizer, context_len: int | None, sp
     return prompts
 
 
-def eos_token_ids(model, tokenizer) -> list[int]:
-    """The model's end-of-sequence ids (generation config first, the tokenizer's as fallback)."""
-    eos = model.generation_config.eos_token_id
-    ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None]
-    return ids or [tokenizer.eos_token_id]
+def sampling_params(recipe: Recipe) -> SamplingParams:
+    ro = recipe.rollout
+    return SamplingParams(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                          top_p=ro.top_p, top_k=ro.top_k, stop=list(ro.stop))
 
 
-def make_backend(recipe: Recipe, model, tokenizer):
-    eos_ids = eos_token_ids(model, tokenizer)
+def make_backend(recipe: Recipe, model, tokenizer, version: int = 0):
+    """The rollout backend over `model` (the engine copies it; HF generate uses it in place)."""
     if recipe.rollout.backend == "engine":
         from areal.rollout import Engine
 
-        return Engine(model, tokenizer=tokenizer, max_num_seqs=recipe.rollout.batch_size)
+        return Engine(model, tokenizer=tokenizer, max_num_seqs=recipe.rollout.batch_size, version=version,
+                      num_blocks=recipe.rollout.kv_blocks, block_size=recipe.rollout.kv_block_size)
     from areal.rollout.hf_backend import HFGenerateBackend
 
-    return HFGenerateBackend(model, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id, batch_size=recipe.rollout.batch_size)
+    eos = model.generation_config.eos_token_id
+    eos_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None] or [tokenizer.eos_token_id]
+    return HFGenerateBackend(model, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                             batch_size=recipe.rollout.batch_size, version=version)
 
 
-def step_metrics(groups, advantages_used: int) -> dict[str, float]:
-    rewards = [t.reward for g in groups for t in g.trajectories]
-    lengths = [len(t.completion_ids) for g in groups for t in g.trajectories]
+def make_reward_pool(recipe: Recipe) -> RewardPool:
+    rc = recipe.reward
+    return RewardPool(rc.fn, rc.num_workers, rc.timeout_s, rc.max_logged_failures)
+
+
+def check_kv_pool(recipe: Recipe, longest_prompt: int) -> None:
+    """The engine's KV pool must hold at least one whole sequence, or nothing could ever run."""
+    ro = recipe.rollout
+    need = longest_prompt + max(ro.max_new_tokens, ro.eval_max_new_tokens)
+    if ro.backend == "engine" and ro.kv_blocks * ro.kv_block_size < need:
+        from areal.config import ConfigError
+
+        raise ConfigError(
+            f"rollout.kv_blocks: {ro.kv_blocks} blocks x {ro.kv_block_size} tokens cannot hold one sequence "
+            f"of {need} tokens (longest prompt {longest_prompt} + completion)"
+        )
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its first step; built once per trainer process."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    train_prompts: list[Prompt]
+    test_prompts: list[Prompt]
+
+
+def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None) -> Setup:
+    """Validate every input (reward spec, model, data, prompt lengths) before any work is written."""
+    load_reward_fn(recipe.reward.fn)
+    seed_everything(recipe.run.seed)
+    device = pick_device(recipe.run.device)
+    tokenizer = load_tokenizer(recipe.model)
+    policy = load_model(recipe.model, device)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
+    test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
+    check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
+    if run_dir is None:
+        run_dir = make_run_dir(recipe.run.run_dir, recipe_path)
+        (run_dir / "config.yaml").write_text(to_yaml(recipe))
+    return Setup(recipe, run_dir, device, tokenizer, policy, train_prompts, test_prompts)
+
+
+def new_train_engine(s: Setup) -> TrainEngine:
+    return TrainEngine(s.policy, s.recipe.trainer, temperature=s.recipe.rollout.temperature,
+                       gradient_checkpointing=s.recipe.model.gradient_checkpointing,
+                       max_new_tokens=s.recipe.rollout.max_new_tokens)
+
+
+def sync_steps(s: Setup, worker: RolloutWorker, engine: TrainEngine):
+    """Generate B groups with the current weights, train on them, publish, repeat."""
+    tr = s.recipe.trainer
+    sampler = PromptSampler(s.train_prompts, s.recipe.data.shuffle_seed)
+    for step in range(1, tr.steps + 1):
+        t0 = time.perf_counter()
+        prompts = [sampler.next()[1] for _ in range(tr.batch_size)]
+        groups, metrics = worker.rollout(prompts, list(range((step - 1) * tr.batch_size, step * tr.batch_size)))
+        used = groups
+        if s.recipe.buffer.filter_uniform_rewards:
+            keep = filter_uniform_groups(torch.tensor([g.rewards for g in groups])).tolist()
+            used = [g for g, k in zip(groups, keep) if k]
+        metrics["train/groups_used"] = len(used)
+        if used:  # advantages are the engine's job (trainer.advantage, KL-in-reward, overlong penalty)
+            metrics.update(engine.train_step(build_batch(used, None, s.tokenizer.pad_token_id)))
+        else:
+            engine.version += 1  # an empty step still advances the version clock
+        t1 = time.perf_counter()
+        worker.update_weights(engine.version, engine.named_weights(), mode=s.recipe.rollout.weight_update_mode)
+        t2 = time.perf_counter()
+        metrics.update({
+            "time/weight_sync_s": t2 - t1,
+            "time/step_s": t2 - t0,
+            "rollout/tokens_per_s": metrics["rollout/generated_tokens"] / max(metrics["time/generate_s"], 1e-9),
+        })
+        yield step, groups, metrics
+
+
+def group_metrics(groups) -> dict[str, float]:
+    trajs = [t for g in groups for t in g.trajectories]
+    rewards = [t.reward for t in trajs]
+    failures = {f"reward/failures_{kind}": 0 for kind in ("error", "timeout", "nan", "non_number")}
+    for g in groups:
+        for kind, count in g.reward_failures.items():
+            failures[f"reward/failures_{kind}"] = failures.get(f"reward/failures_{kind}", 0) + count
     return {
+        **failures,
         "reward/mean": sum(rewards) / len(rewards),
         "reward/accuracy": sum(r > CORRECT_ABOVE for r in rewards) / len(rewards),
-        "rollout/response_length": sum(lengths) / len(lengths),
-        "rollout/truncated_fraction": sum(t.finish_reason == "length" for g in groups for t in g.trajectories) / len(rewards),
-        "train/groups_used": advantages_used,
+        "rollout/response_length": sum(len(t.completion_ids) for t in trajs) / len(trajs),
+        "rollout/truncated_fraction": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
     }
+
+
+def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
+    """Log every step, evaluate every `run.eval_every`, write summary.json and report.png."""
+    recipe, run_dir = s.recipe, s.run_dir
+    start = time.perf_counter()
+    sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe))
+    generated = 0
+    try:
+        initial = final = eval_fn()
+        sink.log(0, {**initial, "time/wall_s": time.perf_counter() - start})
+        console.print(f"initial held-out accuracy {initial['eval/accuracy']:.3f}")
+        with RunView(recipe.trainer.steps, recipe.logging.progress_bar, recipe.logging.console_every) as view:
+            for step, groups, metrics in steps:
+                metrics.update(group_metrics(groups))
+                metrics["version"] = step
+                generated += sum(len(t.completion_ids) for g in groups for t in g.trajectories)
+                if step % recipe.run.eval_every == 0 or step == recipe.trainer.steps:
+                    final = eval_fn()
+                    metrics.update(final)
+                metrics["time/wall_s"] = time.perf_counter() - start
+                sink.log(step, metrics)
+                view.step(step, metrics)
+    finally:
+        sink.close()
+    summary = {
+        "eval_accuracy_initial": initial["eval/accuracy"],
+        "eval_accuracy_final": final["eval/accuracy"],
+        "steps": recipe.trainer.steps,
+        "loop_seconds": time.perf_counter() - start,  # first evaluation to the last step
+        "generated_tokens": generated,
+        "mode": recipe.run.mode,
+        "backend": recipe.rollout.backend,
+        **(extra_summary() if extra_summary else {}),
+    }
+    write_report(read_metrics(run_dir / "metrics.jsonl"), run_dir / "report.png", title=run_dir.name)
+    return summary
 
 
 @dataclass
@@ -87,94 +212,37 @@ class RunResult:
     summary: dict
 
 
-def train(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
-    start = time.perf_counter()
+def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
+    from areal.runtime import set_threads
+
     threads = set_threads(recipe.run.num_threads)
-    seed_everything(recipe.run.seed)
-    device = pick_device(recipe.run.device)
-    tokenizer = load_tokenizer(recipe.model)
-    policy = load_model(recipe.model, device)
-    context_len = getattr(policy.config, "max_position_embeddings", None)
-    train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context_len, "train")
-    test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context_len, "test")
+    s = setup(recipe, recipe_path)
+    console.print(f"[bold]areal[/bold] sync run_dir={s.run_dir} device={s.device} threads={threads} "
+                  f"train={len(s.train_prompts)} test={len(s.test_prompts)} backend={recipe.rollout.backend}")
+    backend = make_backend(recipe, copy.deepcopy(s.policy), s.tokenizer)  # the rollout side's own copy
+    engine = new_train_engine(s)
+    with make_reward_pool(recipe) as pool:
+        worker = RolloutWorker(backend, pool, s.tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
+        eval_fn = lambda: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
+        summary = drive(s, sync_steps(s, worker, engine), eval_fn,
+                        lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
+    return RunResult(s.run_dir, summary)
 
-    run_dir = make_run_dir(recipe.run.run_dir, recipe_path)
-    (run_dir / "config.yaml").write_text(to_yaml(recipe))
-    console.print(f"[bold]areal[/bold] run_dir={run_dir} device={device} threads={threads} "
-                  f"train={len(train_prompts)} test={len(test_prompts)} backend={recipe.rollout.backend}")
 
-    backend = make_backend(recipe, copy.deepcopy(policy), tokenizer)  # the rollout worker's own copy
-    engine = TrainEngine(policy, recipe.trainer, temperature=recipe.rollout.temperature,
-                         gradient_checkpointing=recipe.model.gradient_checkpointing)
-    sampler = PromptSampler(train_prompts, recipe.data.shuffle_seed)
-    ro, tr = recipe.rollout, recipe.trainer
-    params = SamplingParams(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                            top_p=ro.top_p, top_k=ro.top_k, stop=list(ro.stop))
-    sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe))
-    rc = recipe.reward
-    generated_tokens = 0
-    try:
-        with RewardPool(rc.fn, rc.num_workers, rc.timeout_s, rc.max_logged_failures) as pool:
-            worker = RolloutWorker(backend, pool, tokenizer)
-            run_eval = lambda: evaluate(backend, pool, tokenizer, test_prompts, ro.eval_max_new_tokens)  # noqa: E731
-            initial = run_eval()
-            loop_start = time.perf_counter()
-            sink.log(0, {**initial, "time/wall_s": 0.0})
-            console.print(f"initial held-out accuracy {initial['eval/accuracy']:.3f}")
-            final = initial
-            with RunView(tr.steps, recipe.logging.progress_bar, recipe.logging.console_every) as view:
-                for step in range(1, tr.steps + 1):
-                    t0 = time.perf_counter()
-                    prompts = [sampler.next()[1] for _ in range(tr.batch_size)]
-                    groups, rollout_stats = worker.rollout(prompts, params, first_group_id=(step - 1) * tr.batch_size)
-                    generated_tokens += rollout_stats["rollout/generated_tokens"]
-                    metrics = step_metrics(groups, len(groups))
-                    rewards = torch.tensor([g.rewards for g in groups])
-                    if tr.filter_uniform_groups:
-                        keep = filter_uniform_groups(rewards)
-                        groups = [g for g, k in zip(groups, keep.tolist()) if k]
-                        rewards = rewards[keep]
-                        metrics["train/groups_used"] = len(groups)
-                    if groups:
-                        adv = group_advantages(rewards, method=tr.advantage)
-                        batch = build_batch(groups, adv.tolist(), tokenizer.pad_token_id)
-                        metrics.update(engine.train_step(batch))
-                    else:
-                        engine.version += 1  # an empty step still advances the version clock
-                    t1 = time.perf_counter()
-                    worker.update_weights(engine.version, engine.named_weights(), mode=ro.weight_update_mode)
-                    t2 = time.perf_counter()
-                    metrics.update(rollout_stats)
-                    metrics.update({
-                        "time/weight_sync_s": t2 - t1,
-                        "time/step_s": t2 - t0,
-                        "rollout/tokens_per_s": rollout_stats["rollout/generated_tokens"] / max(rollout_stats["time/generate_s"], 1e-9),
-                        "version": engine.version,
-                    })
-                    if step % recipe.run.eval_every == 0 or step == tr.steps:
-                        final = run_eval()
-                        metrics.update(final)
-                    metrics["time/wall_s"] = time.perf_counter() - loop_start
-                    sink.log(step, metrics)
-                    view.step(step, metrics)
-            reward_failures = dict(pool.total_failures)
-    finally:
-        sink.close()
-    summary = {
-        "eval_accuracy_initial": initial["eval/accuracy"],
-        "eval_accuracy_final": final["eval/accuracy"],
-        "steps": tr.steps,
-        "wall_seconds": time.perf_counter() - start,
-        "train_seconds": time.perf_counter() - loop_start,
-        "generated_tokens": generated_tokens,
-        "reward_failures": reward_failures,
-        "backend": recipe.rollout.backend,
-        "threads": threads,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_report(read_metrics(run_dir / "metrics.jsonl"), run_dir / "report.png", title=str(run_dir.name))
+def train(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
+    """Run a recipe in its mode, write summary.json and print the held-out accuracy before and after."""
+    start = time.perf_counter()
+    if recipe.run.mode == "sync":
+        result = train_sync(recipe, recipe_path)
+    else:
+        from areal.controller import train_async
+
+        result = train_async(recipe, recipe_path)
+    sm = result.summary
+    sm["wall_seconds"] = time.perf_counter() - start  # everything: loading, processes, evaluation
+    (result.run_dir / "summary.json").write_text(json.dumps(sm, indent=2))
     console.print(
-        f"[bold]held-out accuracy {summary['eval_accuracy_initial']:.3f} -> {summary['eval_accuracy_final']:.3f}[/bold] "
-        f"in {summary['wall_seconds']:.0f} s ({tr.steps} steps); run_dir={run_dir}"
+        f"[bold]held-out accuracy {sm['eval_accuracy_initial']:.3f} -> {sm['eval_accuracy_final']:.3f}[/bold] "
+        f"in {sm['wall_seconds']:.0f} s ({sm['steps']} steps, {sm['mode']}); run_dir={result.run_dir}"
     )
-    return RunResult(run_dir, summary)
+    return result

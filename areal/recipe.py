@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from areal.buffer.config import BufferConfig
 from areal.data import DataConfig
 from areal.metrics import LoggingConfig
 from areal.model import ModelConfig
@@ -20,9 +21,16 @@ from areal.trainer.config import TrainerConfig
 class RunConfig:
     run_dir: str = option("", "Output folder; empty = runs/<recipe name>-<timestamp>.")
     seed: int = option(1, "Seed for sampling, data order and initialisation.")
-    num_threads: int = option(
-        0, "torch threads per process (0 = all cores). On small CPUs this dominates speed."
+    mode: str = option(
+        "async",
+        "async: rollout workers and the trainer run as separate processes, bounded by "
+        "rollout.max_staleness. sync: one process alternating generation and training.",
+        choices=("async", "sync"),
     )
+    num_threads: int = option(
+        0, "sync mode: torch threads (0 = all cores). On small CPUs thread counts dominate speed."
+    )
+    trainer_threads: int = option(1, "async mode: torch threads of the trainer process.")
     device: str = option("auto", "auto = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
     eval_every: int = option(20, "Evaluate held-out greedy accuracy every N steps (and at start and end).")
 
@@ -33,6 +41,7 @@ class Recipe:
     data: DataConfig = option(DataConfig(), "Prompt data.")
     rollout: RolloutConfig = option(RolloutConfig(), "Generation.")
     reward: RewardConfig = option(RewardConfig(), "Reward function.")
+    buffer: BufferConfig = option(BufferConfig(), "Trajectory buffer between rollout and trainer (async mode).")
     trainer: TrainerConfig = option(TrainerConfig(), "Policy optimisation.")
     logging: LoggingConfig = option(LoggingConfig(), "Metrics and console.")
     run: RunConfig = option(RunConfig(), "Run-wide settings.")

@@ -42,6 +42,7 @@ class Group:
     group_id: int
     trajectories: list[Trajectory]
     fields: dict[str, Any] = field(default_factory=dict)
+    reward_failures: dict[str, int] = field(default_factory=dict)  # kind -> samples scored 0 for it
 
     @property
     def rewards(self) -> list[float]:

@@ -29,3 +29,13 @@ class RolloutConfig:
         choices=("keep", "recompute"),
     )
     batch_size: int = option(256, "Most sequences the backend decodes at once.")
+    max_staleness: int = option(
+        2,
+        "eta: a new prompt is admitted only while accepted + running < (eta + v + 1) * B, so rollouts "
+        "stay within eta policy versions of the trainer. 0 = synchronous RL.",
+    )
+    max_concurrent: int = option(64, "Cap on groups generating at once (across all rollout workers).")
+    num_workers: int = option(1, "Rollout worker processes (async mode).")
+    threads_per_worker: int = option(1, "torch threads of each rollout worker process (async mode).")
+    kv_blocks: int = option(2048, "Engine: KV-cache blocks per worker (the memory bound).")
+    kv_block_size: int = option(16, "Engine: tokens per KV-cache block.")

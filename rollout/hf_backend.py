@@ -7,6 +7,7 @@ top-p applied), so they are exact behaviour log-probs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 import torch
@@ -21,6 +22,7 @@ class HFGenerateBackend:
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.version = version
+        self._generated_tokens, self._busy_s = 0, 0.0
 
     @property
     def device(self) -> torch.device:
@@ -39,13 +41,20 @@ class HFGenerateBackend:
     @torch.inference_mode()
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[GenerationOutput]:
         """One output per sample, prompt-major: prompt 0's n samples come first."""
+        t0 = time.perf_counter()
         if params.seed is not None:
             torch.manual_seed(params.seed)
         flat = [(i, ids) for i, ids in enumerate(prompt_token_ids) for _ in range(params.n)]
         outputs: list[GenerationOutput] = []
         for start in range(0, len(flat), self.batch_size):
             outputs += self._generate_batch(flat[start : start + self.batch_size], params)
+        self._generated_tokens += sum(len(o.token_ids) for o in outputs)
+        self._busy_s += time.perf_counter() - t0
         return outputs
+
+    def stats(self) -> dict:
+        return {"generated_tokens": self._generated_tokens, "version": self.version,
+                "tokens_per_s": self._generated_tokens / self._busy_s if self._busy_s else 0.0}
 
     def _generate_batch(self, items: list[tuple[int, list[int]]], params: SamplingParams) -> list[GenerationOutput]:
         width = max(len(ids) for _, ids in items)

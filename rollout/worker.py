@@ -1,17 +1,21 @@
-"""A rollout worker: prompts in, rewarded groups out.
+"""A rollout worker: prompts in, rewarded whole groups out.
 
-It owns a generation backend (the engine or HF `generate`) and a reward pool, and
-knows nothing of the trainer: weights arrive through `update_weights`.
+It owns a generation backend (areal's engine or HF `generate`) and a reward pool and knows
+nothing of the trainer: weights arrive only through `update_weights` / a weight receiver.
+`rollout()` serves the synchronous loop; `serve()` is the streaming loop of a worker process.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from areal.rewards import RewardRequest
-from areal.rollout.types import SamplingParams
+from areal.rollout.types import GenerationOutput, SamplingParams
 from areal.trajectory import Group, Trajectory
 
 _RESERVED = ("prompt", "completion")  # positional names of the reward signature
@@ -27,56 +31,147 @@ class Prompt:
     fields: dict[str, Any]  # the row's other columns, passed to the reward
 
 
+@dataclass
+class PromptBatch:
+    """Admitted prompts for a worker; none may start before the worker holds `min_version` weights."""
+
+    min_version: int
+    group_ids: list[int]
+    prompts: list[Prompt]
+
+
 def reward_fields(row: dict[str, Any], prompt_key: str, answer_key: str) -> dict[str, Any]:
     fields = {k: v for k, v in row.items() if k != prompt_key and k not in _RESERVED}
     fields["answer"] = row[answer_key]  # the reward always sees the reference as `answer`
     return fields
 
 
+def group_seed(base_seed: int, group_id: int) -> int:
+    """Each group samples from its own seed, so results do not depend on batching or timing."""
+    return (base_seed * 1_000_003 + group_id) % (1 << 31)
+
+
 class RolloutWorker:
-    def __init__(self, backend, reward_pool, tokenizer):
+    def __init__(self, backend, reward_pool, tokenizer, params: SamplingParams, base_seed: int = 0):
         self.backend, self.reward_pool, self.tokenizer = backend, reward_pool, tokenizer
+        self.params, self.base_seed = params, base_seed
+        self.streaming = hasattr(backend, "add_request")
         self.reward_failures: dict[str, int] = {}
+
+    @property
+    def version(self) -> int:
+        return self.backend.version
 
     def update_weights(self, version: int, named_tensors, mode: str = "keep") -> None:
         self.backend.update_weights(version, named_tensors, mode=mode)
 
-    def rollout(self, prompts: list[Prompt], params: SamplingParams, first_group_id: int = 0) -> tuple[list[Group], dict[str, float]]:
-        """Generate n samples per prompt, score them, and return whole groups plus timings."""
-        t0 = time.perf_counter()
-        outputs = self.backend.generate([p.token_ids for p in prompts], params)
-        t1 = time.perf_counter()
+    def _params(self, group_id: int) -> SamplingParams:
+        return dataclasses.replace(self.params, seed=group_seed(self.base_seed, group_id))
+
+    def _start(self, group_id: int, prompt: Prompt, on_finish) -> None:
+        self.backend.add_request(prompt.token_ids, self._params(group_id), on_finish=on_finish)
+
+    def make_group(self, group_id: int, prompt: Prompt, outputs: list[GenerationOutput]) -> Group:
+        """Decode, score and package one prompt's n samples."""
         texts = self.tokenizer.batch_decode([o.token_ids for o in outputs], skip_special_tokens=True)
-        requests = [
-            RewardRequest(prompt=prompts[o.prompt_index].text, completion=text, fields=prompts[o.prompt_index].fields)
-            for o, text in zip(outputs, texts)
-        ]
-        scored = self.reward_pool.score(requests)
-        t2 = time.perf_counter()
+        scored = self.reward_pool.score(
+            [RewardRequest(prompt=prompt.text, completion=t, fields=prompt.fields) for t in texts]
+        )
         for kind, count in scored.failures.items():
             self.reward_failures[kind] = self.reward_failures.get(kind, 0) + count
-        groups = []
-        for g, prompt in enumerate(prompts):
-            trajs = []
-            for k in range(g * params.n, (g + 1) * params.n):
-                o = outputs[k]
-                trajs.append(
-                    Trajectory(
-                        prompt_ids=prompt.token_ids,
-                        completion_ids=o.token_ids,
-                        behaviour_logprobs=o.logprobs,
-                        versions=o.versions,
-                        reward=scored.rewards[k],
-                        finish_reason=o.finish_reason,
-                        prompt_text=prompt.text,
-                        completion_text=texts[k],
-                    )
-                )
-            groups.append(Group(group_id=first_group_id + g, trajectories=trajs, fields=prompt.fields))
+        trajs = [
+            Trajectory(prompt.token_ids, o.token_ids, o.logprobs, o.versions, reward, o.finish_reason, prompt.text, text)
+            for o, text, reward in zip(outputs, texts, scored.rewards)
+        ]
+        failures = {kind: count for kind, count in scored.failures.items() if count}
+        return Group(group_id=group_id, trajectories=trajs, fields=prompt.fields, reward_failures=failures)
+
+    def rollout(self, prompts: list[Prompt], group_ids: list[int]) -> tuple[list[Group], dict[str, float]]:
+        """Generate n samples per prompt (all at once), score them; returns whole groups plus timings."""
+        t0 = time.perf_counter()
+        if self.streaming:
+            samples: dict[int, list[GenerationOutput]] = {g: [] for g in group_ids}
+            for g, p in zip(group_ids, prompts):
+                self._start(g, p, lambda _rid, out, g=g: samples[g].append(out))
+            while self.backend.has_unfinished():
+                self.backend.step()
+            outputs = [sorted(samples[g], key=lambda o: o.sample_index) for g in group_ids]
+        else:
+            params = dataclasses.replace(self.params, seed=group_seed(self.base_seed, group_ids[0]))
+            flat = self.backend.generate([p.token_ids for p in prompts], params)
+            n = self.params.n
+            outputs = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        t1 = time.perf_counter()
+        groups = [self.make_group(g, p, outs) for g, p, outs in zip(group_ids, prompts, outputs)]
+        t2 = time.perf_counter()
         timings = {
             "time/generate_s": t1 - t0,
             "time/reward_s": t2 - t1,
-            "rollout/generated_tokens": sum(len(o.token_ids) for o in outputs),
-            **{f"reward/failures_{kind}": count for kind, count in scored.failures.items()},
+            "rollout/generated_tokens": sum(len(t.completion_ids) for g in groups for t in g.trajectories),
         }
         return groups, timings
+
+    def serve(self, inbox, outbox, receiver=None, mode: str = "keep", stats_every_s: float = 0.2) -> None:
+        """Streaming loop: start admitted prompts, step the engine, ship each group as it completes.
+
+        inbox yields `PromptBatch`es and finally None; outbox receives ("group", Group) and
+        ("stats", dict). Weight updates are applied between two engine steps.
+        """
+        from areal.rollout.weight_receiver import apply
+
+        engine = self.backend
+        pending: deque[tuple[int, int, Prompt]] = deque()  # (min_version, group_id, prompt)
+        in_flight: dict[int, tuple[Prompt, list[GenerationOutput]]] = {}
+        done: list[int] = []
+        stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
+        busy_s, idle_s = 0.0, 0.0
+
+        def on_finish(group_id: int, out: GenerationOutput) -> None:
+            outs = in_flight[group_id][1]
+            outs.append(out)
+            if len(outs) == self.params.n:
+                done.append(group_id)
+
+        while not (stopping and not pending and not in_flight):
+            t0 = time.perf_counter()
+            update = receiver.poll() if receiver is not None else None
+            if update is not None:
+                pause_s += apply(update, engine, mode)
+                updates += 1
+            idle = not (self.streaming and engine.has_unfinished())
+            try:
+                msg = inbox.get(timeout=0.02) if idle and not pending else inbox.get_nowait()
+            except queue.Empty:
+                msg = False
+            if msg is None:
+                stopping = True
+            elif msg:
+                pending.extend((msg.min_version, g, p) for g, p in zip(msg.group_ids, msg.prompts))
+            if pending and pending[0][0] > engine.version and idle and receiver is not None:
+                update = receiver.wait_for(pending[0][0], timeout=0.05)  # eta=0: wait for the weights
+                if update is not None:
+                    pause_s += apply(update, engine, mode)
+                    updates += 1
+            ready = []
+            while pending and pending[0][0] <= engine.version:
+                ready.append(pending.popleft()[1:])
+            if ready and not self.streaming:  # a static-batch backend (HF generate): one batch at a time
+                groups, _ = self.rollout([p for _, p in ready], [g for g, _ in ready])
+                for group in groups:
+                    outbox.put(("group", group))
+                ready = []
+            for g, p in ready:
+                in_flight[g] = (p, [])
+                engine.add_request(p.token_ids, self._params(g), on_finish=lambda _rid, out, g=g: on_finish(g, out))
+            if self.streaming and engine.has_unfinished():
+                engine.step()
+            for g in done:
+                prompt, outs = in_flight.pop(g)
+                outbox.put(("group", self.make_group(g, prompt, sorted(outs, key=lambda o: o.sample_index))))
+            done.clear()
+            spent = time.perf_counter() - t0
+            busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)
+            if time.perf_counter() - last_stats > stats_every_s or (stopping and not in_flight and not pending):
+                last_stats = time.perf_counter()
+                outbox.put(("stats", {**engine.stats(), "pause_s": pause_s, "weight_updates": updates,
+                                      "busy_s": busy_s, "idle_s": idle_s, "reward_failures": dict(self.reward_failures)}))
