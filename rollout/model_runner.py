@@ -11,6 +11,7 @@ rows that sample a token.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from areal.kernels.paged_attention import (
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 ATTN_IMPL_NAME = "areal_paged"
+PREPACK_MIN_WEIGHT = 1 << 17  # oneDNN-prepack only linears with at least this many weights (measured)
 DECODE_BUCKET_GROWTH = 2  # a new decode bucket starts where a table is this many times the bucket's first
 
 
@@ -120,13 +122,48 @@ def _register() -> None:
     AttentionInterface.register(ATTN_IMPL_NAME, paged_attention_forward)
 
 
+def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, self._areal_packed_weight, self.bias, "none", [], "")
+
+
+def _can_prepack(model: nn.Module) -> bool:
+    param = next(model.parameters())
+    return (
+        param.device.type == "cpu"
+        and param.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def prepack_linears(model: nn.Module) -> list[nn.Linear]:
+    """CPU: run every nn.Linear of (our private copy of) the model through oneDNN with its weight
+    pre-reordered once (what vLLM's CPU backend does): 20-40% faster small-batch GEMMs than
+    F.linear. The module keeps its plain weight (for weight updates); call repack after loading."""
+    # small matrices (e.g. the 0.5M-param default model) are faster through plain F.linear
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.numel() >= PREPACK_MIN_WEIGHT]
+    for mod in linears:
+        mod.forward = types.MethodType(_packed_linear_forward, mod)
+    repack(linears)
+    return linears
+
+
+@torch.no_grad()
+def repack(linears: list[nn.Linear]) -> None:
+    for mod in linears:
+        mod._areal_packed_weight = torch.ops.mkldnn._reorder_linear_weight(mod.weight.detach(), 64)
+
+
 def _pad_tables(tables: list[list[int]], device) -> torch.Tensor:
     width = max(len(t) for t in tables)
     return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, num_blocks: int, block_size: int, copy_model: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, num_blocks: int, block_size: int, copy_model: bool = True, cpu_prepack: bool = True
+    ) -> None:
         model_type = getattr(model.config, "model_type", type(model).__name__)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -152,6 +189,8 @@ class ModelRunner:
         self.kv = torch.zeros(
             cfg.num_hidden_layers, 2, num_blocks * block_size, num_kv, head_dim, dtype=self.dtype, device=self.device
         )
+        self._packed = prepack_linears(model) if cpu_prepack and _can_prepack(model) else []
+        self._packed_stale = False
         # remove_duplicate=False: a tied lm_head.weight is addressable under both names
         self._params = dict(model.named_parameters(remove_duplicate=False))
         self._params.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -173,6 +212,9 @@ class ModelRunner:
         """One forward over the scheduled chunks. Sequences with num_new == 1 must come first
         (best sorted by block-table length: they are attended in buckets of similar length).
         Returns float32 logits [num_sampling, V] for the sequences flagged in sample_mask (in order)."""
+        if self._packed_stale:
+            repack(self._packed)
+            self._packed_stale = False
         device = self.device
         input_ids: list[int] = []
         positions: list[int] = []
@@ -236,4 +278,5 @@ class ModelRunner:
                 raise ValueError(f"weight {name!r}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             count += 1
+        self._packed_stale = bool(self._packed)  # re-reorder the oneDNN weights before the next forward
         return count

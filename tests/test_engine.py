@@ -300,3 +300,21 @@ def test_sampler_frequencies_follow_tempered_softmax(seeded):
     expected = torch.softmax(logits[0] / 0.7, -1)
     assert torch.allclose(torch.bincount(tokens, minlength=4) / rows, expected, atol=0.015)  # ~5 sigma
     assert torch.allclose(logprobs, expected.log()[tokens], atol=1e-5)
+
+
+def test_onednn_prepacked_linears_match_and_follow_weight_updates(monkeypatch):
+    import areal.rollout.model_runner as mr
+
+    monkeypatch.setattr(mr, "PREPACK_MIN_WEIGHT", 0)  # pack every linear, even in this tiny model
+    model = make_model("llama")
+    engine = Engine(model, num_blocks=64, block_size=4)
+    if not engine.runner._packed:
+        pytest.skip("oneDNN linear prepacking unavailable in this torch build")
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, 6) for p in PROMPTS]
+    new = _perturbed_weights(model)
+    engine.update_weights(1, new, mode="recompute")
+    new_model = make_model("llama")
+    new_model.load_state_dict(new, strict=False)
+    outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
+    assert [o.token_ids for o in outs] == [hf_greedy(new_model, p, 6) for p in PROMPTS]
