@@ -10,7 +10,7 @@ from areal.options import option
 @dataclass
 class RolloutConfig:
     backend: str = option(
-        "hf",
+        "engine",
         "Generation backend: 'engine' (areal's paged continuous-batching engine) or 'hf' "
         "(Hugging Face generate, the reference and baseline).",
         choices=("hf", "engine"),

@@ -148,7 +148,10 @@ class RolloutWorker:
             elif msg:
                 pending.extend((msg.min_version, g, p) for g, p in zip(msg.group_ids, msg.prompts))
             if pending and pending[0][0] > engine.version and idle and receiver is not None:
-                update = receiver.wait_for(pending[0][0], timeout=0.05)  # eta=0: wait for the weights
+                try:  # eta=0 or a fast worker: the admitted prompts need weights not yet here
+                    update = receiver.wait_for(pending[0][0], timeout=0.05)
+                except TimeoutError:
+                    update = None
                 if update is not None:
                     pause_s += apply(update, engine, mode)
                     updates += 1

@@ -15,7 +15,7 @@ class TrainerConfig:
     steps: int = option(60, "Training steps (policy updates); each consumes batch_size groups.")
     batch_size: int = option(16, "Prompts (groups) per training step, B.")
     minibatches: int = option(1, "PPO minibatches per step; each is one optimizer update.")
-    lr: float = option(2e-3, "AdamW learning rate.")
+    lr: float = option(1e-5, "AdamW learning rate (peak, after warm-up).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     betas: list[float] = option([0.9, 0.999], "AdamW betas.")
     warmup_steps: int = option(0, "Linear learning-rate warm-up, in optimizer updates.")
