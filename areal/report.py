@@ -1,4 +1,5 @@
-"""The end-of-run picture: reward and held-out accuracy against step and wall time."""
+"""The end-of-run picture: reward and held-out accuracy against step and wall time, and, for
+asynchronous runs, the staleness of the consumed tokens."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def write_report(records: list[dict[str, Any]], path: Path, title: str = "") -> 
 
     train = [r for r in records if r.get("reward/mean") is not None]
     evals = [r for r in records if r.get("eval/accuracy") is not None]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    lags = [r for r in train if r.get("staleness/lag_hist")]
+    fig, axes = plt.subplots(1, 3 if lags else 2, figsize=(16 if lags else 11, 4), constrained_layout=True)
     for ax, x_key, x_label in ((axes[0], "step", "step"), (axes[1], "time/wall_s", "wall time (s)")):
         ax.plot([r[x_key] for r in train], [r["reward/mean"] for r in train], label="train reward (mean)", alpha=0.7)
         ax.plot([r[x_key] for r in evals], [r["eval/accuracy"] for r in evals], "o-", label="held-out accuracy (greedy)")
@@ -22,6 +24,16 @@ def write_report(records: list[dict[str, Any]], path: Path, title: str = "") -> 
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
+    if lags:
+        width = max(len(r["staleness/lag_hist"]) for r in lags)
+        steps = [r["step"] for r in lags]
+        shares = [[(r["staleness/lag_hist"] + [0] * width)[k] / max(1, sum(r["staleness/lag_hist"])) for r in lags]
+                  for k in range(width)]
+        axes[2].stackplot(steps, shares, labels=[f"lag {k}" for k in range(width)], alpha=0.8)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("share of consumed tokens")
+        axes[2].set_title("staleness (trainer version - token version)")
+        axes[2].legend(loc="lower right")
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
