@@ -26,7 +26,8 @@ class BufferConfig:
         "oldest_first",
         "Which held groups a batch takes: oldest_first (smallest oldest token version, "
         "ties in arrival order), newest_first (largest, ties in arrival order) or fifo "
-        "(arrival order). Default oldest_first.",
+        "(arrival order). Default oldest_first. newest_first can starve old groups (they "
+        "then hold staleness budget) unless strict_staleness drops them.",
         choices=ORDERS,
     )
     strict_staleness: bool = option(

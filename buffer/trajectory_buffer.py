@@ -21,6 +21,11 @@ Interaction with the `StalenessController` (optional; pass it to share the budge
     With the controller, held never exceeds (η + 1)·B, so `capacity_groups` is then only
     a memory guard.
 
+Version lag: with oldest_first or fifo and groups finishing in admission order, every
+consumed group started at most η versions before the consuming step (the tests check this
+in a model of the loop). Groups finishing out of order can lag more (the bound is then on
+the amount of off-policy data); strict mode turns it into a hard per-token guarantee.
+
 Processes: the buffer lives in the trainer process, next to the controller (admission is
 decided there). Rollout worker processes send finished groups over a
 `multiprocessing.Queue`; `feed_from(queue)` runs a feeder thread that `put`s them
