@@ -55,7 +55,7 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
     ro, tr = recipe.rollout, recipe.trainer
     engine = new_train_engine(s)
     staleness = StalenessController(tr.batch_size, ro.max_staleness, ro.max_concurrent)
-    buffer = TrajectoryBuffer(_buffer_config(recipe), staleness)
+    buffer = TrajectoryBuffer(recipe.buffer, staleness)
     sampler = PromptSampler(s.train_prompts, recipe.data.shuffle_seed)
     publisher = WeightPublisher(DistSender(num_receivers=ro.num_workers, address=address))
     parts = AsyncParts(engine, publisher, staleness, buffer, Dispatcher(staleness, sampler, inboxes),
@@ -87,10 +87,3 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
         publisher.close()
     results.put(summary)
     console.print(f"trainer done: {summary['steps']} steps")
-
-
-def _buffer_config(recipe: Recipe):
-    import dataclasses
-
-    return dataclasses.replace(recipe.buffer, max_staleness=recipe.rollout.max_staleness,
-                               max_concurrent=recipe.rollout.max_concurrent)

@@ -1,4 +1,9 @@
-"""`BufferConfig`: admission control and trajectory-buffer knobs."""
+"""`BufferConfig`: trajectory-buffer knobs.
+
+The staleness bound eta and the concurrency cap belong to admission control
+(`rollout.max_staleness`, `rollout.max_concurrent`, passed to `StalenessController`);
+the buffer reads eta from its controller for strict mode.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +16,6 @@ ORDERS = ("oldest_first", "newest_first", "fifo")
 
 @dataclass
 class BufferConfig:
-    max_staleness: int = option(
-        2,
-        "eta: a new prompt starts only while accepted + running < (eta + v + 1) * B. "
-        "0 = synchronous RL. Default 2.",
-    )
-    max_concurrent: int = option(64, "Cap on groups in flight (running). Default 64.")
     capacity_groups: int = option(
         1024,
         "Memory bound on groups held in the buffer; put() blocks when full "
@@ -33,7 +32,7 @@ class BufferConfig:
     strict_staleness: bool = option(
         False,
         "Drop (and count, reason 'stale') groups whose oldest token is more than "
-        "max_staleness versions behind the trainer at consumption. Default False "
+        "rollout.max_staleness versions behind the trainer at consumption. Default False "
         "(AReaL: bound enforced at admission only).",
     )
     filter_uniform_rewards: bool = option(
@@ -43,10 +42,6 @@ class BufferConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
-        if self.max_concurrent < 1:
-            raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.capacity_groups < 1:
             raise ValueError(f"capacity_groups must be >= 1, got {self.capacity_groups}")
         if self.order not in ORDERS:

@@ -80,14 +80,20 @@ class TrajectoryBuffer:
         self,
         config: BufferConfig | None = None,
         controller: StalenessController | None = None,
+        max_staleness: int | None = None,
     ) -> None:
+        """eta for strict mode comes from `controller`, or `max_staleness` when there is none."""
         self.config = config if config is not None else BufferConfig()
         self.controller = controller
-        if controller is not None and controller.max_staleness != self.config.max_staleness:
-            raise ValueError(
-                f"controller max_staleness {controller.max_staleness} != "
-                f"config max_staleness {self.config.max_staleness}"
-            )
+        if controller is not None:
+            if max_staleness is not None and max_staleness != controller.max_staleness:
+                raise ValueError(
+                    f"max_staleness {max_staleness} != controller max_staleness {controller.max_staleness}"
+                )
+            max_staleness = controller.max_staleness
+        if self.config.strict_staleness and max_staleness is None:
+            raise ValueError("strict_staleness needs eta: pass a controller or max_staleness")
+        self.max_staleness = 0 if max_staleness is None else max_staleness
         self._cond = threading.Condition(threading.Lock())
         self._held: dict[int, _Held] = {}  # insertion-ordered by seq
         self._next_seq = 0
@@ -198,7 +204,7 @@ class TrajectoryBuffer:
         return (entry.seq, 0)  # fifo
 
     def _drop_stale_locked(self, current_version: int) -> None:
-        eta = self.config.max_staleness
+        eta = self.max_staleness
         stale = [e for e in self._held.values() if version_lag(current_version, e.group) > eta]
         for entry in stale:
             del self._held[entry.seq]

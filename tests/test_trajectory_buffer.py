@@ -70,8 +70,6 @@ class BufferMachine(RuleBasedStateMachine):
         self.strict, self.filt, self.order, self.in_order = strict, filt, order, in_order
         self.ctl = StalenessController(B, max_staleness=eta, max_concurrent=max_concurrent)
         cfg = BufferConfig(
-            max_staleness=eta,
-            max_concurrent=max_concurrent,
             capacity_groups=64,
             order=order,
             strict_staleness=strict,
@@ -251,7 +249,7 @@ def test_order(order, expected):
 # -- strict staleness ----------------------------------------------------------------------
 def test_strict_mode_drops_and_counts_stale_and_frees_budget():
     ctl = StalenessController(groups_per_step=2, max_staleness=1, max_concurrent=8)
-    buf = TrajectoryBuffer(BufferConfig(max_staleness=1, strict_staleness=True), ctl)
+    buf = TrajectoryBuffer(BufferConfig(strict_staleness=True), ctl)
     for gid, v in enumerate([0, 1, 2, 3]):  # oldest token versions
         assert ctl.try_admit()
         buf.put(make_group(gid, versions=((v,), (v + 1,))))
@@ -273,7 +271,7 @@ def test_out_of_order_completion_exceeds_eta_unless_strict():
     can be admitted."""
     for strict in (False, True):
         ctl = StalenessController(groups_per_step=1, max_staleness=1, max_concurrent=8)
-        buf = TrajectoryBuffer(BufferConfig(max_staleness=1, strict_staleness=strict), ctl)
+        buf = TrajectoryBuffer(BufferConfig(strict_staleness=strict), ctl)
         assert ctl.try_admit() and ctl.try_admit() and not ctl.try_admit()  # G0 slow, G1 fast
         buf.put(make_group(1, versions=((0,), (0,))))
         assert [g.group_id for g in buf.get_batch(1, 0)] == [1]
@@ -296,7 +294,7 @@ def test_out_of_order_completion_exceeds_eta_unless_strict():
 # -- dynamic filtering ---------------------------------------------------------------------
 def test_dynamic_filtering_drops_uniform_groups_and_frees_budget():
     ctl = StalenessController(groups_per_step=2, max_staleness=0)
-    buf = TrajectoryBuffer(BufferConfig(max_staleness=0, filter_uniform_rewards=True), ctl)
+    buf = TrajectoryBuffer(BufferConfig(filter_uniform_rewards=True), ctl)
     assert ctl.try_admit() and ctl.try_admit() and not ctl.try_admit()
     assert buf.put(make_group(0, rewards=(1.0, 1.0))) is False
     assert buf.put(make_group(1, rewards=(0.0, 1.0))) is True
@@ -437,7 +435,7 @@ def test_put_rejects_empty_group_and_controller_mismatch():
     with pytest.raises(ValueError):
         _buffer().put(Group(group_id=0, trajectories=[]))
     with pytest.raises(ValueError):
-        TrajectoryBuffer(BufferConfig(max_staleness=1), StalenessController(1, max_staleness=2))
+        TrajectoryBuffer(BufferConfig(), StalenessController(1, max_staleness=2), max_staleness=1)
     with pytest.raises(ValueError):
         BufferConfig(order="random")
 
@@ -461,7 +459,7 @@ def test_cross_process_producer_feeds_parent_consumer():
     child.start()
     B, eta, steps = 2, 1, 4
     ctl = StalenessController(B, max_staleness=eta, max_concurrent=3)
-    buf = TrajectoryBuffer(BufferConfig(max_staleness=eta, max_concurrent=3), ctl)
+    buf = TrajectoryBuffer(BufferConfig(), ctl)
     buf.feed_from(results)
     next_id, consumed = 0, []
     try:
