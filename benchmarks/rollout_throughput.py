@@ -8,6 +8,10 @@ requested tokens only (a static batch that runs past a row's length wastes that 
     python benchmarks/rollout_throughput.py --skip-large
 
 The LAST line printed is one JSON object (default-model figures plus the large ones).
+Every engine runs single-threaded by default (--threads; vLLM gets OMP_NUM_THREADS the same): on a
+shared 2-core box, 2 OpenMP threads per process oversubscribe the cores and everything slows ~20x.
+tok/cpu-s (tokens per CPU-second of the measuring process) is the figure to compare when others
+are using the machine; wall tok/s then mostly measures the scheduler's share given to each run.
 vLLM runs in its own virtualenv (scripts/setup_vllm_cpu.sh) as a subprocess; skipped if absent.
 """
 
