@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every role has been stopped by the controller
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -271,8 +271,8 @@ class Engine:
             logprobs=list(seq.logprobs),
             versions=list(seq.versions),
             finish_reason=reason,
+            sample_index=seq.sample_index,
         )
-        out.sample_index = seq.sample_index  # extra attribute: position inside the group
         req.num_finished += 1
         if req.num_finished >= req.params.n:
             self.requests.pop(req.request_id, None)

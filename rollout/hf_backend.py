@@ -48,6 +48,8 @@ class HFGenerateBackend:
         outputs: list[GenerationOutput] = []
         for start in range(0, len(flat), self.batch_size):
             outputs += self._generate_batch(flat[start : start + self.batch_size], params)
+        for k, out in enumerate(outputs):
+            out.sample_index = k % params.n
         self._generated_tokens += sum(len(o.token_ids) for o in outputs)
         self._busy_s += time.perf_counter() - t0
         return outputs

@@ -47,3 +47,4 @@ class GenerationOutput:
     logprobs: list[float]
     versions: list[int]  # policy version that produced each token
     finish_reason: str  # "stop" or "length" (or "abort")
+    sample_index: int = 0  # which of the prompt's n samples this is

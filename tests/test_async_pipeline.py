@@ -82,3 +82,43 @@ def test_a_role_killed_by_a_signal_is_reported_with_its_exit_code():
 
     with pytest.raises(RoleFailed, match=r"role 'rollout0' exited with code -6"):
         _watch_roles(RoleSpec("rollout0", "os:abort"), RoleSpec("trainer", "subprocess:call", {"args": ["sleep", "30"]}))
+
+
+def _session_members(sid: int) -> list[int]:
+    from pathlib import Path
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: session id
+            members.append(int(stat.parent.name))
+    return members
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_role_and_leaves_no_process_behind(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "areal.train", "recipe=recipes/math.yaml", *SMALL, "trainer.steps=100000",
+         f"run.run_dir={run_dir}"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (
+        (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.5)
+    assert len(_session_members(proc.pid)) >= 3  # controller, trainer, rollout worker (and reward workers)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    time.sleep(1.0)
+    assert _session_members(proc.pid) == [], "processes survived Ctrl-C"
