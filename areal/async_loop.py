@@ -104,7 +104,6 @@ def async_steps(parts: AsyncParts, trainer_cfg, pad_token_id: int, timeout_s: fl
         lags = token_lags(groups, engine.version)
         metrics = engine.train_step(build_batch(groups, None, pad_token_id))
         staleness.set_version(engine.version)
-        t2 = time.perf_counter()
         metrics["time/publish_snapshot_s"] = parts.publisher.publish(engine.version, engine.named_weights())
         t3 = time.perf_counter()
         workers = list(parts.collector.worker_stats.values())

@@ -41,7 +41,7 @@ VOCABS = (32_000, 152_064)
 def _step(variant: str, hidden, weight, labels, chunk_size: int) -> None:
     import torch
 
-    from areal.kernels.logprob import logprobs_and_entropy, logprobs_from_logits
+    from areal.kernels.logprob import logprobs_and_entropy
 
     if variant == "areal":
         logp, _entropy = logprobs_and_entropy(hidden, weight, labels, chunk_size=chunk_size)
