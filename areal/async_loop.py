@@ -120,6 +120,8 @@ def async_steps(parts: AsyncParts, trainer_cfg, pad_token_id: int, timeout_s: fl
             "rollout/new_tokens": rollout_tokens - rollout_tokens_before,
             "rollout/tokens_per_s": (rollout_tokens - rollout_tokens_before) / max(t3 - t0, 1e-9),
             "weights/pause_s_total": sum(w.get("pause_s", 0.0) for w in workers),
+            **{f"weights/pause_s_total_rollout{rank}": w.get("pause_s", 0.0) for rank, w in parts.collector.worker_stats.items()},
+            **{f"idle/rollout{rank}": _idle_fraction([w]) for rank, w in parts.collector.worker_stats.items()},
             "idle/rollout": _idle_fraction(workers),
             **_publisher_metrics(parts.publisher),
         })
