@@ -74,8 +74,14 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
                 for w in workers:
                     for k, v in w.get("reward_failures", {}).items():
                         failures[k] = failures.get(k, 0) + v
-                return {"reward_failures": failures, "buffer": buffer.stats(), "admission": staleness.state(),
-                        "max_version_lag": buffer.stats()["consumed_max_lag"], "eta": ro.max_staleness}
+                return {
+                    "reward_failures": failures,
+                    "generated_tokens": sum(w.get("generated_tokens", 0) for w in workers),  # held groups too
+                    "buffer": buffer.stats(),
+                    "admission": staleness.state(),
+                    "max_version_lag": buffer.stats()["consumed_max_lag"],
+                    "eta": ro.max_staleness,
+                }
 
             summary = drive(s, async_steps(parts, tr, s.tokenizer.pad_token_id, timeout_s=600.0), eval_fn, extra)
     finally:
