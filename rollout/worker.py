@@ -165,7 +165,7 @@ class RolloutWorker:
                 ready = []
             for g, p in ready:
                 in_flight[g] = (p, [])
-                engine.add_request(p.token_ids, self._params(g), on_finish=lambda _rid, out, g=g: on_finish(g, out))
+                self._start(g, p, lambda _rid, out, g=g: on_finish(g, out))
             if self.streaming and engine.has_unfinished():
                 engine.step()
             for g in done:
