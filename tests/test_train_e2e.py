@@ -28,7 +28,8 @@ COMMON_KEYS = ("reward/mean", "reward/accuracy", "rollout/response_length", "tra
 MODE_KEYS = {
     "sync": ("time/generate_s", "time/reward_s", "time/weight_sync_s"),
     "async": ("time/wait_for_batch_s", "staleness/lag_max", "staleness/lag_hist", "buffer/held_groups",
-              "idle/trainer", "idle/rollout", "weights/bytes", "weights/transfer_s", "weights/pause_s_total"),
+              "idle/trainer", "idle/rollout", "weights/bytes", "weights/transfer_s", "weights/pause_s_total",
+              "rollout/prefill_tokens_saved"),
 }
 
 
@@ -45,6 +46,8 @@ def test_short_run_writes_config_metrics_summary_and_report(tmp_path, mode):
             assert key in r, key
         assert r["version"] == r["step"]
     assert "eval/accuracy" in records[0] and "eval/accuracy" in records[2] and "eval/accuracy" in records[3]
+    if mode == "async":  # the engine prefills each group's prompt once and shares it
+        assert records[-1]["rollout/prefill_tokens_saved"] > 0
     summary = json.loads((run / "summary.json").read_text())
     for key in ("eval_accuracy_initial", "eval_accuracy_final", "steps", "wall_seconds", "generated_tokens"):
         assert key in summary
