@@ -9,19 +9,13 @@ takes the run down with its traceback; Ctrl-C stops every role.
 from __future__ import annotations
 
 import queue
-import socket
 import time
 
 from areal.console import console
 from areal.launcher import Launcher, LocalLauncher, RoleFailed, RoleSpec
 from areal.loop import RunResult, setup
 from areal.recipe import Recipe
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from areal.transport import free_port
 
 
 def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launcher | None = None) -> RunResult:
