@@ -98,6 +98,3 @@ class TrainerConfig:
     )
     zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).", choices=(0, 1, 2, 3))
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU (ZeRO-Offload).")
-    filter_uniform_groups: bool = option(
-        False, "Drop groups whose rewards are all equal (zero advantage) before the update."
-    )
