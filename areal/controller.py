@@ -19,8 +19,7 @@ from areal.transport import free_port
 
 
 def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launcher | None = None) -> RunResult:
-    s = setup(recipe, recipe_path)  # validates every input here, before any process starts
-    del s.policy
+    s = setup(recipe, recipe_path, load_policy=False)  # validates every input before any process starts
     launcher = launcher or LocalLauncher()
     address = f"tcp://127.0.0.1:{free_port()}"
     workers = recipe.rollout.num_workers

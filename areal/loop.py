@@ -97,19 +97,27 @@ class Setup:
     run_dir: Path
     device: torch.device
     tokenizer: object
-    policy: torch.nn.Module
+    policy: torch.nn.Module | None  # None where only the inputs are validated
     train_prompts: list[Prompt]
     test_prompts: list[Prompt]
 
 
-def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None) -> Setup:
-    """Validate every input (reward spec, model, data, prompt lengths) before any work is written."""
+def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None,
+          load_policy: bool = True) -> Setup:
+    """Validate every input (reward spec, model, data, prompt lengths) before any work is written.
+
+    `load_policy=False` (the async controller) checks the model's config but loads no weights.
+    """
+    from transformers import AutoConfig
+
     load_reward_fn(recipe.reward.fn)
     seed_everything(recipe.run.seed)
     device = pick_device(recipe.run.device)
     tokenizer = load_tokenizer(recipe.model)
-    policy = load_model(recipe.model, device)
-    context = getattr(policy.config, "max_position_embeddings", None)
+    policy = load_model(recipe.model, device) if load_policy else None
+    config = policy.config if policy is not None else AutoConfig.from_pretrained(
+        recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
+    context = getattr(config, "max_position_embeddings", None)
     train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
     test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
     check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
