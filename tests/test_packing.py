@@ -1,5 +1,7 @@
 """Packed micro-batches: bin packing, packed == unpacked log-probs, loss and gradients."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,8 @@ from areal.trainer.batch import build_batch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.engine import TrainEngine
 from areal.trainer.loss import decoupled_ppo_loss, gspo_loss
-from areal.trainer.packing import balanced_partition, make_microbatches, pack_rows, split_balanced
+from areal.trainer.packing import (balanced_partition, make_microbatches, pack_groups, pack_rows, shared_prefix_mask,
+                                  split_balanced)
 from areal.trajectory import Group, Trajectory
 
 
@@ -129,3 +132,53 @@ def test_microbatched_loss_and_grads_equal_one_big_batch(tiny_qwen2, aggregation
     assert stats["train/loss"] == pytest.approx(ref_loss.item(), abs=1e-6)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_mask_hand_example():
+    # prefix of 2, continuations of 2 and 1 tokens: [p0 p1 a0 a1 b0]
+    m = shared_prefix_mask(2, [2, 1]).int().tolist()
+    assert m == [[1, 0, 0, 0, 0],
+                 [1, 1, 0, 0, 0],
+                 [1, 1, 1, 0, 0],
+                 [1, 1, 1, 1, 0],
+                 [1, 1, 0, 0, 1]]  # b0 sees the prompt, not a0/a1
+
+
+def test_pack_groups_layout_stores_the_prompt_once():
+    # one group: prompt [5, 6], completions [7, 4] and [9]; a lone row [8, 3]
+    ids = torch.tensor([[5, 6, 7, 4], [5, 6, 9, 0], [8, 3, 0, 0]])
+    am = (ids > 0).long()
+    lm = torch.tensor([[0.0, 1, 1], [0, 1, 0], [1, 0, 0]])
+    mb = pack_groups(ids, am, lm, [torch.tensor([0, 1]), torch.tensor([2])])
+    assert mb.input_ids.tolist() == [[5, 6, 7, 4, 9, 8, 3]]
+    assert mb.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert mb.cu_seqlens.tolist() == [0, 5, 7]
+    # row 0: hidden 1 (prompt end) predicts 7, hidden 2 predicts 4; row 1: hidden 1 predicts 9; row 2: hidden 5
+    assert mb.hidden_index.tolist() == [1, 2, 1, 5]
+    assert mb.target_row.tolist() == [0, 0, 1, 2] and mb.target_col.tolist() == [1, 2, 1, 0]
+    assert mb.segment_masks[0].shape == (5, 5) and mb.segment_masks[1] is None
+
+
+def test_shared_prompt_training_equals_unshared_with_fewer_tokens(tiny_qwen2):
+    """Same pi_prox, loss and gradients (2 minibatches of whole groups), on fewer tokens."""
+    groups = skewed_groups(seed=3, groups=4, n=4)
+    batch = build_batch(groups, None, pad_token_id=0)
+    results = {}
+    for share in (True, False):
+        cfg = TrainerConfig(minibatches=2, max_tokens_per_microbatch=40, grad_clip=0.0)
+        engine = TrainEngine(copy.deepcopy(tiny_qwen2), cfg, temperature=0.8)
+        if not share:  # the same whole-group minibatches, each sequence packed with its own prompt copy
+            engine._microbatches = lambda b, rows: make_microbatches(
+                b.input_ids, b.attention_mask, b.loss_mask, rows, cfg.max_tokens_per_microbatch)
+        mbs = engine._microbatches(batch, torch.arange(batch.num_sequences))
+        assert all((mb.segment_masks is not None) == share for mb in mbs)
+        prox = engine.proximal_logprobs(batch)
+        stats, grads = grads_after_step(engine, batch)
+        results[share] = sum(mb.num_tokens for mb in mbs), prox, stats["train/loss"], grads
+    shared, plain = results[True], results[False]
+    prompts = sum(len(g.trajectories[0].prompt_ids) for g in groups)
+    assert shared[0] <= plain[0] - prompts * 3  # each group's prompt stored once instead of 4 times
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=0)
+    assert shared[2] == pytest.approx(plain[2], abs=1e-6)
+    for name, g in plain[3].items():
+        torch.testing.assert_close(shared[3][name], g, atol=1e-6, rtol=1e-4, msg=name)

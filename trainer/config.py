@@ -84,6 +84,13 @@ class TrainerConfig:
         "Pack sequences into rows without padding (position ids restart per sequence, attention stays "
         "per sequence). False = pad every sequence to the batch's longest (the baseline).",
     )
+    share_prompts: bool = option(
+        True,
+        "Packed micro-batches store a prompt once for all of its group's sequences they hold: "
+        "[prompt, completion_1, ..., completion_k], each completion attending to the prompt and itself. "
+        "Exact (same log-probs, loss and gradients) on fewer tokens. Applies with packing=true and "
+        "packed_attention=varlen.",
+    )
     packed_attention: str = option(
         "varlen",
         "Attention over packed rows: varlen (causal SDPA per sequence: sum L_i^2 work) or model (the "

@@ -30,7 +30,8 @@ from areal.trainer.batch import TrainBatch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.critic import ValueModel, clipped_value_loss
 from areal.trainer.loss import _behaviour_weight, aggregate, decoupled_ppo_loss, gspo_loss, kl_penalty
-from areal.trainer.packing import MicroBatch, make_microbatches, register_varlen_attention, split_balanced
+from areal.trainer.packing import (MicroBatch, make_microbatches, register_varlen_attention, segment_mask_argument,
+                                  split_balanced)
 
 ENGINE_SIDE_ADVANTAGES = ("reinforce_pp", "ppo_gae")
 
@@ -61,6 +62,8 @@ def _model_inputs(mb: MicroBatch, labels: Tensor | None = None) -> dict:
                   hidden_index=mb.hidden_index)
     if labels is not None:
         inputs["labels"] = mb.gather(labels)
+    if mb.segment_masks is not None:  # shared-prompt groups: only the varlen attention reads these
+        inputs["attention_mask"] = segment_mask_argument(mb.segment_masks)
     if mb.cu_seqlens is not None:  # read by the varlen attention (and by flash-attn kernels on GPU)
         longest = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
         inputs.update(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens, max_length_q=longest, max_length_k=longest)
@@ -105,8 +108,11 @@ class TrainEngine:
 
     # ---- forward passes over micro-batches ------------------------------------------------
     def _microbatches(self, batch: TrainBatch, rows: Tensor) -> list[MicroBatch]:
+        # rows of one group in a micro-batch share their prompt; that layout needs the varlen attention
+        shared = self.cfg.share_prompts and self.cfg.packing and self.cfg.packed_attention == "varlen"
+        groups = batch.group_index if shared else None
         return make_microbatches(batch.input_ids, batch.attention_mask, batch.loss_mask, rows,
-                                 self.cfg.max_tokens_per_microbatch, packed=self.cfg.packing)
+                                 self.cfg.max_tokens_per_microbatch, packed=self.cfg.packing, group_index=groups)
 
     def _per_target(self, batch: TrainBatch, rows: Tensor, fn) -> Tensor:
         """[S, T-1] tensor of fn(micro-batch) -> flat values, for `rows` (zero elsewhere)."""
@@ -245,11 +251,11 @@ class TrainEngine:
         max_norm = float(self.max_new_tokens or batch.loss_mask.sum(1).max().clamp(min=1))
         self.model.train()
         gen = torch.Generator().manual_seed(self.version)  # the same minibatch split on every rank
-        order = local[torch.randperm(len(local), generator=gen).to(self.device)]
+        parts = local[torch.randperm(len(local), generator=gen).to(self.device)].chunk(cfg.minibatches)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         losses, grad_norms = [], []
-        for part in order.chunk(cfg.minibatches):
+        for part in parts:
             global_count = _all_reduce(self._count(self._eff_mask, part).clone()).clamp(min=1)
             mbs = self._equalised(self._microbatches(batch, part), batch)
             total = 0.0
@@ -280,7 +286,7 @@ class TrainEngine:
         out["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         t3 = time.perf_counter()
         if self.critic is not None:
-            out.update(self._critic_update(batch, order, values, returns))
+            out.update(self._critic_update(batch, parts, values, returns))
         t4 = time.perf_counter()
         self.version += 1
         trained = batch.attention_mask[local].sum().item()
@@ -295,11 +301,11 @@ class TrainEngine:
         })
         return out
 
-    def _critic_update(self, batch: TrainBatch, order: Tensor, old_values: Tensor, returns: Tensor) -> dict[str, float]:
+    def _critic_update(self, batch: TrainBatch, parts: list[Tensor], old_values: Tensor, returns: Tensor) -> dict[str, float]:
         """Clipped value regression on the returns, token-mean over each minibatch."""
         self.critic.train()
         mask, losses = batch.loss_mask, []
-        for part in order.chunk(self.cfg.minibatches):
+        for part in parts:
             count = _all_reduce(mask[part].sum().clone()).clamp(min=1)
             mbs = self._equalised(self._microbatches(batch, part), batch)
             for i, (mb, counts) in enumerate(mbs):

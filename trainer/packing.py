@@ -8,7 +8,13 @@ never padded to the longest sequence of the batch:
   counterpart of Karmarkar-Karp balancing); if a bin overflows the budget it retries with
   k + 1 bins. Loads end up nearly equal, so no micro-batch is a straggler.
 * `pack_rows` concatenates the chosen sequences into ONE row of N tokens with position
-  ids restarting at 0 for each sequence. Attention stays inside each sequence: either
+  ids restarting at 0 for each sequence.
+* `pack_groups` does the same with whole GRPO groups, and stores each group's shared
+  prompt ONCE: [prompt, completion_1, ..., completion_G], completion k at positions
+  P, P+1, ... and attending to the prompt and to itself only (a per-group boolean mask).
+  The prompt's hidden states are computed once and receive the summed gradient of every
+  completion, so log-probs, loss and gradients equal the unshared layout exactly, on
+  P + sum(C_k) tokens instead of G * P + sum(C_k). Attention stays inside each sequence: either
   transformers' own sdpa/eager path (it detects the position-id resets when
   attention_mask is None and builds a block-diagonal causal mask, N x N work), or the
   `areal_varlen` attention registered below, which runs causal SDPA segment by segment
@@ -83,7 +89,9 @@ class MicroBatch:
     input_ids    [R, W]     packed: R = 1, W = N tokens; padded: R = b, W = width
     position_ids [R, W]     restart at 0 for every sequence (packed) / None (padded)
     attention_mask [R, W]   None when packed (the position resets define the blocks)
-    cu_seqlens   [b + 1]    sequence boundaries inside the packed row (packed only)
+    cu_seqlens   [b + 1]    sequence (or shared-prompt group) boundaries in the packed row
+    segment_masks           per segment between cu_seqlens: None = plain causal, or the
+                            [n, n] bool attention mask of a shared-prompt group
     hidden_index [n]        flat index into hidden.reshape(R * W, H) of each completion target
     target_row, target_col [n]  the same targets in the batch's [S, T-1] layout
     """
@@ -96,6 +104,7 @@ class MicroBatch:
     hidden_index: Tensor
     target_row: Tensor
     target_col: Tensor
+    segment_masks: list[Tensor | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -138,6 +147,69 @@ def pack_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows
     )
 
 
+def common_prefix_length(seqs: list[Tensor]) -> int:
+    """Length of the longest common prefix of 1-D token tensors (the whole of a lone one)."""
+    shortest = min(len(s) for s in seqs)
+    if len(seqs) == 1:
+        return shortest
+    same = torch.stack([s[:shortest] for s in seqs]).eq(seqs[0][:shortest]).all(0)
+    differ = torch.nonzero(~same, as_tuple=False)
+    return int(differ[0]) if len(differ) else shortest
+
+
+def shared_prefix_mask(prefix: int, own_lengths: list[int], device=None) -> Tensor:
+    """[n, n] bool, True = may attend: causal over the prefix; each continuation k sees the
+    whole prefix and, causally, its own tokens (never another continuation's)."""
+    n = prefix + sum(own_lengths)
+    owner = torch.full((n,), -1, dtype=torch.long, device=device)  # -1 = prefix
+    start = prefix
+    for k, c in enumerate(own_lengths):
+        owner[start:start + c] = k
+        start += c
+    idx = torch.arange(n, device=device)
+    causal = idx[None, :] <= idx[:, None]
+    visible = (owner[None, :] == -1) | (owner[None, :] == owner[:, None])
+    return causal & visible
+
+
+def pack_groups(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, groups: list[Tensor]) -> MicroBatch:
+    """Pack whole groups (row index tensors), each group's common prefix stored once (module doc)."""
+    lengths = sequence_lengths(attention_mask)
+    device = input_ids.device
+    ids, pos, masks, hidden_index, t_row, t_col, bounds = [], [], [], [], [], [], [0]
+    for rows in groups:
+        seqs = [input_ids[r, : int(lengths[r])] for r in rows.tolist()]
+        prefix = common_prefix_length(seqs)
+        seg_start = bounds[-1]
+        ids.append(seqs[0][:prefix])
+        pos.append(torch.arange(prefix, device=device))
+        own_start = seg_start + prefix
+        for r, seq in zip(rows.tolist(), seqs):
+            own = len(seq) - prefix
+            ids.append(seq[prefix:])
+            pos.append(torch.arange(prefix, len(seq), device=device))
+            cols = torch.nonzero(loss_mask[r, : max(len(seq) - 1, 0)], as_tuple=False).flatten()
+            # hidden t predicts token t + 1: in the shared prefix below `prefix`, else in row r's own tokens
+            hidden_index.append(torch.where(cols < prefix, seg_start + cols, own_start + cols - prefix))
+            t_row.append(torch.full_like(cols, r))
+            t_col.append(cols)
+            own_start += own
+        bounds.append(own_start)
+        owns = [len(s) - prefix for s in seqs]
+        masks.append(None if len(seqs) == 1 else shared_prefix_mask(prefix, owns, device))
+    return MicroBatch(
+        rows=torch.cat(groups),
+        input_ids=torch.cat(ids)[None],
+        position_ids=torch.cat(pos)[None],
+        attention_mask=None,
+        cu_seqlens=torch.tensor(bounds, dtype=torch.long, device=device),
+        hidden_index=torch.cat(hidden_index),
+        target_row=torch.cat(t_row),
+        target_col=torch.cat(t_col),
+        segment_masks=masks,
+    )
+
+
 def pad_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor) -> MicroBatch:
     """The rows as they are: right-padded to the batch width (the unpacked baseline)."""
     ids = input_ids[rows]
@@ -157,13 +229,20 @@ def pad_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows:
 
 
 def make_microbatches(
-    input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor, max_tokens: int, packed: bool = True
+    input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor, max_tokens: int, packed: bool = True,
+    group_index: Tensor | None = None,
 ) -> list[MicroBatch]:
     """Split `rows` into micro-batches of <= max_tokens tokens (counted as the model sees them).
 
-    Packed: balanced bins of real tokens. Padded: consecutive rows, each costing the batch
-    width, so the comparison with packing is the honest padded-to-longest layout.
+    Packed: balanced bins of real tokens. With `group_index` ([S] group of every row), rows
+    of one group stay in one micro-batch and share their prompt (`pack_groups`). Padded:
+    consecutive rows, each costing the batch width (the honest padded-to-longest layout).
     """
+    if packed and group_index is not None:
+        groups = [rows[group_index[rows] == g] for g in torch.unique(group_index[rows]).tolist()]
+        cost = [_shared_tokens(input_ids, attention_mask, g) for g in groups]
+        return [pack_groups(input_ids, attention_mask, loss_mask, [groups[i] for i in b])
+                for b in balanced_partition(cost, max_tokens)]
     if packed:
         lengths = sequence_lengths(attention_mask)[rows].tolist()
         return [pack_rows(input_ids, attention_mask, loss_mask, rows[torch.tensor(b)])
@@ -172,12 +251,20 @@ def make_microbatches(
     return [pad_rows(input_ids, attention_mask, loss_mask, part) for part in rows.split(per_mb)]
 
 
+def _shared_tokens(input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> int:
+    """Tokens of a group once its common prefix is stored once."""
+    lengths = sequence_lengths(attention_mask)[rows].tolist()
+    prefix = common_prefix_length([input_ids[r, :n] for r, n in zip(rows.tolist(), lengths)])
+    return prefix + sum(n - prefix for n in lengths)
+
+
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Causal attention run separately on each packed sequence (transformers attention API).
 
     query [1, H, N, D], key/value [1, H_kv, N, D]; `cu_seq_lens_q` (the sequence boundaries)
-    comes through the model's forward kwargs. Without it this is plain sdpa, so the same
-    model still serves padded or unpacked calls.
+    comes through the model's forward kwargs, and shared-prompt groups' masks (`pack_groups`)
+    as `attention_mask` (`segment_mask_argument`). Without them this is plain sdpa, so the
+    same model still serves padded or unpacked calls.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -186,14 +273,37 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     groups = query.shape[1] // key.shape[1]
     bounds = cu.tolist()
+    masks = attention_mask if isinstance(attention_mask, SegmentMasks) else [None] * (len(bounds) - 1)
     outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e, mask in zip(bounds[:-1], bounds[1:], masks):
         outs.append(torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+            query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], attn_mask=mask, is_causal=mask is None, scale=scaling,
             dropout_p=dropout if module.training else 0.0, enable_gqa=groups > 1,
         ))
     out = torch.cat(outs, dim=2)  # [1, H, N, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+class SegmentMasks(list):
+    """Per packed segment: None (causal) or a shared-prompt group's [n, n] bool mask."""
+
+
+class _EveryLayerType(dict):
+    """A prepared `attention_mask` mapping: transformers' decoders take a dict as given (one
+    mask per layer type) and hand the entry to the attention function untouched."""
+
+    def __init__(self, mask):
+        super().__init__(full_attention=mask)  # non-empty: an empty dict would read as "no mask"
+        self.mask = mask
+
+    def __missing__(self, layer_type):
+        return self.mask
+
+
+def segment_mask_argument(masks: list[Tensor | None]) -> dict:
+    """The `attention_mask` argument that carries shared-prompt masks to `varlen_sdpa_attention`
+    (a plain keyword argument would be dropped by the decoder's forward)."""
+    return _EveryLayerType(SegmentMasks(masks))
 
 
 def _varlen_mask(*args, attention_mask=None, **kwargs):
