@@ -182,3 +182,17 @@ def test_shared_prompt_training_equals_unshared_with_fewer_tokens(tiny_qwen2):
     assert shared[2] == pytest.approx(plain[2], abs=1e-6)
     for name, g in plain[3].items():
         torch.testing.assert_close(shared[3][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_shared_prompt_layout_survives_gradient_checkpointing(tiny_qwen2):
+    """Checkpointed layers re-run their forward in backward: the shared-prompt masks must reach it."""
+    batch = build_batch(skewed_groups(seed=4, groups=3, n=4), None, pad_token_id=0)
+    out = {}
+    for ckpt in (False, True):
+        engine = TrainEngine(copy.deepcopy(tiny_qwen2), TrainerConfig(grad_clip=0.0), temperature=1.0,
+                             gradient_checkpointing=ckpt)
+        stats, grads = grads_after_step(engine, batch)
+        out[ckpt] = stats["train/loss"], grads
+    assert out[True][0] == pytest.approx(out[False][0], abs=1e-6)
+    for name, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], g, atol=1e-6, rtol=1e-4, msg=name)
