@@ -12,10 +12,12 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 
 from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
-from areal.rollout.worker import PromptBatch
+from areal.evaluate import merge_eval_results
+from areal.rollout.worker import EvalRequest, PromptBatch
 from areal.trainer.batch import build_batch
 
 
@@ -52,12 +54,44 @@ class Dispatcher(threading.Thread):
             self.error = e
 
 
-class Collector(threading.Thread):
-    """Moves finished groups from the rollout outbox into the buffer; keeps each worker's last stats."""
+class RemoteEvaluator:
+    """Held-out evaluation on the rollout workers, so the trainer never stops for it: each worker
+    scores a shard of the test prompts with the weights of the requested step (its engine's
+    idle time); the Future resolves with the merged result once every shard is in."""
 
-    def __init__(self, outbox, buffer: TrajectoryBuffer):
+    def __init__(self, inboxes, prompts, max_new_tokens: int):
+        self.inboxes, self.prompts, self.max_new_tokens = inboxes, prompts, max_new_tokens
+        self._pending: dict[int, tuple[Future, list[dict], int]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, step: int) -> Future:
+        shards = [self.prompts[r::len(self.inboxes)] for r in range(len(self.inboxes))]
+        shards = [(inbox, shard) for inbox, shard in zip(self.inboxes, shards) if shard]
+        future: Future = Future()
+        with self._lock:
+            self._pending[step] = (future, [], len(shards))
+        for inbox, shard in shards:
+            inbox.put(EvalRequest(step, shard, self.max_new_tokens))
+        return future
+
+    def deliver(self, result: dict) -> None:
+        """A worker's shard result (the Collector calls this)."""
+        with self._lock:
+            future, parts, expected = self._pending[result["eval/step"]]
+            parts.append(result)
+            if len(parts) < expected:
+                return
+            del self._pending[result["eval/step"]]
+        future.set_result(merge_eval_results(parts))
+
+
+class Collector(threading.Thread):
+    """Moves finished groups from the rollout outbox into the buffer and evaluation results to the
+    evaluator; keeps each worker's last stats."""
+
+    def __init__(self, outbox, buffer: TrajectoryBuffer, evaluator: RemoteEvaluator | None = None):
         super().__init__(name="areal-collector", daemon=True)
-        self.outbox, self.buffer = outbox, buffer
+        self.outbox, self.buffer, self.evaluator = outbox, buffer, evaluator
         self.worker_stats: dict[int, dict] = {}
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
@@ -71,6 +105,8 @@ class Collector(threading.Thread):
                     continue
                 if kind == "group":
                     self.buffer.put(payload)
+                elif kind == "eval":
+                    self.evaluator.deliver(payload)
                 else:
                     self.worker_stats[rank] = payload
         except BaseException as e:  # noqa: BLE001

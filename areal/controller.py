@@ -27,7 +27,8 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
     outbox, results = launcher.queue(), launcher.queue()
     env = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     specs = [RoleSpec("trainer", "areal.roles:trainer_role", dict(recipe=recipe, run_dir=str(s.run_dir), address=address,
-                                                                      inboxes=inboxes, outbox=outbox, results=results),
+                                                                      inboxes=inboxes, outbox=outbox, results=results,
+                                                                      prompts=(s.train_prompts, s.test_prompts)),
                       env, recipe.run.trainer_threads)]
     specs += [RoleSpec(f"rollout{r}", "areal.roles:rollout_role", dict(recipe=recipe, rank=r, address=address,
                                                                          inbox=inboxes[r], outbox=outbox),

@@ -20,8 +20,21 @@ def evaluate(backend, reward_pool, tokenizer, prompts, max_new_tokens: int, stop
     )
     correct = sum(r > CORRECT_ABOVE for r in result.rewards)
     return {
+        "eval/num_prompts": len(prompts),
         "eval/accuracy": correct / max(1, len(prompts)),
         "eval/reward_mean": sum(result.rewards) / max(1, len(prompts)),
         "eval/response_length": sum(len(o.token_ids) for o in outputs) / max(1, len(outputs)),
         "eval/seconds": time.perf_counter() - t0,
     }
+
+
+def merge_eval_results(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Shards of one evaluation (one per rollout worker) -> the whole: means weighted by prompt
+    count, seconds = the slowest shard (they run in parallel), other keys from the first shard."""
+    total = sum(p["eval/num_prompts"] for p in parts)
+    merged = dict(parts[0])
+    for key in ("eval/accuracy", "eval/reward_mean", "eval/response_length"):
+        merged[key] = sum(p[key] * p["eval/num_prompts"] for p in parts) / max(1, total)
+    merged["eval/num_prompts"] = total
+    merged["eval/seconds"] = max(p["eval/seconds"] for p in parts)
+    return merged

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,10 +105,11 @@ class Setup:
 
 
 def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None,
-          load_policy: bool = True) -> Setup:
+          load_policy: bool = True, prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> Setup:
     """Validate every input (reward spec, model, data, prompt lengths) before any work is written.
 
-    `load_policy=False` (the async controller) checks the model's config but loads no weights.
+    `load_policy=False` (the async controller) checks the model's config but loads no weights;
+    `prompts` (train, test) already validated by it are taken as they are (the trainer role).
     """
     from transformers import AutoConfig
 
@@ -118,8 +121,11 @@ def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None =
     config = policy.config if policy is not None else AutoConfig.from_pretrained(
         recipe.model.path, trust_remote_code=recipe.model.trust_remote_code)
     context = getattr(config, "max_position_embeddings", None)
-    train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
-    test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
+    if prompts is None:
+        train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
+        test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
+    else:
+        train_prompts, test_prompts = prompts
     check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
     if run_dir is None:
         run_dir = make_run_dir(recipe.run.run_dir, recipe_path)
@@ -178,31 +184,56 @@ def group_metrics(groups) -> dict[str, float]:
 
 
 def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
-    """Log every step, evaluate every `run.eval_every`, write summary.json and report.png."""
+    """Log every step, evaluate every `run.eval_every`, write summary.json and report.png.
+
+    eval_fn(step) returns the held-out metrics, or a Future of them (async runs evaluate on a
+    rollout worker while training goes on): a step's row is logged once its evaluation is in,
+    so rows stay in step order with the accuracy of that step's weights.
+    """
     recipe, run_dir = s.recipe, s.run_dir
     start = time.perf_counter()
     sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe))
+    waiting: deque[tuple[int, dict, object]] = deque()  # (step, metrics, evaluation or None), in step order
+    evals: list[dict] = []
     generated = 0
+
+    def request_eval(step: int):
+        evaluation = eval_fn(step)
+        if isinstance(evaluation, Future):  # stamp when the result is in, not when it is logged
+            evaluation.add_done_callback(lambda f: setattr(f, "wall_s", time.perf_counter() - start))
+        return evaluation
+
+    def flush(view, block: bool) -> None:
+        while waiting and (block or _ready(waiting[0][2])):
+            step, metrics, evaluation = waiting.popleft()
+            if evaluation is not None:
+                wall = getattr(evaluation, "wall_s", time.perf_counter() - start)
+                evals.append({**_result(evaluation), "eval/wall_s": wall})
+                metrics.update(evals[-1])
+            sink.log(step, metrics)
+            if step == 0:
+                console.print(f"initial held-out accuracy {metrics['eval/accuracy']:.3f}")
+            else:
+                view.step(step, metrics)
+
     try:
-        initial = final = eval_fn()
-        sink.log(0, {**initial, "time/wall_s": time.perf_counter() - start})
-        console.print(f"initial held-out accuracy {initial['eval/accuracy']:.3f}")
         with RunView(recipe.trainer.steps, recipe.logging.progress_bar, recipe.logging.console_every) as view:
+            waiting.append((0, {"time/wall_s": 0.0}, request_eval(0)))
+            flush(view, block=False)
             for step, groups, metrics in steps:
                 metrics.update(group_metrics(groups))
                 metrics["version"] = step
                 generated += sum(len(t.completion_ids) for g in groups for t in g.trajectories)
-                if step % recipe.run.eval_every == 0 or step == recipe.trainer.steps:
-                    final = eval_fn()
-                    metrics.update(final)
                 metrics["time/wall_s"] = time.perf_counter() - start
-                sink.log(step, metrics)
-                view.step(step, metrics)
+                due = step % recipe.run.eval_every == 0 or step == recipe.trainer.steps
+                waiting.append((step, metrics, request_eval(step) if due else None))
+                flush(view, block=False)
+            flush(view, block=True)
     finally:
         sink.close()
     summary = {
-        "eval_accuracy_initial": initial["eval/accuracy"],
-        "eval_accuracy_final": final["eval/accuracy"],
+        "eval_accuracy_initial": evals[0]["eval/accuracy"],
+        "eval_accuracy_final": evals[-1]["eval/accuracy"],
         "steps": recipe.trainer.steps,
         "loop_seconds": time.perf_counter() - start,  # first evaluation to the last step
         "generated_tokens": generated,
@@ -212,6 +243,19 @@ def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
     }
     write_report(read_metrics(run_dir / "metrics.jsonl"), run_dir / "report.png", title=run_dir.name)
     return summary
+
+
+def _ready(evaluation) -> bool:
+    return evaluation is None or not isinstance(evaluation, Future) or evaluation.done()
+
+
+def _result(evaluation, timeout_s: float = 600.0) -> dict:
+    if not isinstance(evaluation, Future):
+        return evaluation
+    try:
+        return evaluation.result(timeout=timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"no held-out evaluation result within {timeout_s:.0f} s (rollout workers stuck?)") from None
 
 
 @dataclass
@@ -231,7 +275,7 @@ def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
     engine = new_train_engine(s)
     with make_reward_pool(recipe) as pool:
         worker = RolloutWorker(backend, pool, s.tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
-        eval_fn = lambda: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
+        eval_fn = lambda _step: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
         summary = drive(s, sync_steps(s, worker, engine), eval_fn,
                         lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
     return RunResult(s.run_dir, summary)

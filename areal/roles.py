@@ -40,50 +40,50 @@ class _Tagged:
         self.outbox.put((kind, self.rank, payload))
 
 
-def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, results) -> None:
+def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, results, prompts=None) -> None:
     """Admission, buffer, updates, weight publishing, evaluation and logging."""
-    from areal.async_loop import AsyncParts, Collector, Dispatcher, async_steps
+    from areal.async_loop import (
+        AsyncParts,
+        Collector,
+        Dispatcher,
+        RemoteEvaluator,
+        async_steps,
+    )
     from areal.buffer.staleness import StalenessController
     from areal.buffer.trajectory_buffer import TrajectoryBuffer
     from areal.data import PromptSampler
-    from areal.evaluate import evaluate
-    from areal.loop import drive, make_backend, make_reward_pool, new_train_engine, setup
+    from areal.loop import drive, new_train_engine, setup
     from areal.trainer.weight_publisher import WeightPublisher
     from areal.transport import DistSender
 
-    s = setup(recipe, run_dir=Path(run_dir))
+    s = setup(recipe, run_dir=Path(run_dir), prompts=prompts)
     ro, tr = recipe.rollout, recipe.trainer
     engine = new_train_engine(s)
     staleness = StalenessController(tr.batch_size, ro.max_staleness, ro.max_concurrent)
     buffer = TrajectoryBuffer(recipe.buffer, staleness)
     sampler = PromptSampler(s.train_prompts, recipe.data.shuffle_seed)
     publisher = WeightPublisher(DistSender(num_receivers=ro.num_workers, address=address))
+    evaluator = RemoteEvaluator(inboxes, s.test_prompts, ro.eval_max_new_tokens)
     parts = AsyncParts(engine, publisher, staleness, buffer, Dispatcher(staleness, sampler, inboxes),
-                       Collector(outbox, buffer))
-    try:
-        with make_reward_pool(recipe) as pool:
-            def eval_fn():
-                backend = make_backend(recipe, s.policy, s.tokenizer, version=engine.version)
-                result = evaluate(backend, pool, s.tokenizer, s.test_prompts, ro.eval_max_new_tokens)
-                s.policy.train()
-                return result
+                       Collector(outbox, buffer, evaluator))
 
-            def extra():
-                workers = parts.collector.worker_stats.values()
-                failures: dict[str, int] = {}
-                for w in workers:
-                    for k, v in w.get("reward_failures", {}).items():
-                        failures[k] = failures.get(k, 0) + v
-                return {
-                    "reward_failures": failures,
-                    "generated_tokens": sum(w.get("generated_tokens", 0) for w in workers),  # held groups too
-                    "buffer": buffer.stats(),
-                    "admission": staleness.state(),
-                    "max_version_lag": buffer.stats()["consumed_max_lag"],
-                    "eta": ro.max_staleness,
-                }
+    def extra():
+        workers = parts.collector.worker_stats.values()
+        failures: dict[str, int] = {}
+        for w in workers:
+            for k, v in w.get("reward_failures", {}).items():
+                failures[k] = failures.get(k, 0) + v
+        return {
+            "reward_failures": failures,
+            "generated_tokens": sum(w.get("generated_tokens", 0) for w in workers),  # held groups too
+            "buffer": buffer.stats(),
+            "admission": staleness.state(),
+            "max_version_lag": buffer.stats()["consumed_max_lag"],
+            "eta": ro.max_staleness,
+        }
 
-            summary = drive(s, async_steps(parts, tr, s.tokenizer.pad_token_id, timeout_s=600.0), eval_fn, extra)
+    try:  # held-out evaluation runs on the rollout workers (RemoteEvaluator): training never stops for it
+        summary = drive(s, async_steps(parts, tr, s.tokenizer.pad_token_id, timeout_s=600.0), evaluator, extra)
     finally:
         parts.dispatcher.stop_event.set()
         parts.collector.stop_event.set()

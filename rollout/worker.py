@@ -14,8 +14,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from areal.rewards import RewardRequest
 from areal.rollout.types import GenerationOutput, SamplingParams
+
+from areal.rewards import RewardRequest
 from areal.trajectory import Group, Trajectory
 
 _RESERVED = ("prompt", "completion")  # positional names of the reward signature
@@ -38,6 +39,15 @@ class PromptBatch:
     min_version: int
     group_ids: list[int]
     prompts: list[Prompt]
+
+
+@dataclass
+class EvalRequest:
+    """Score `prompts` greedily with weights of at least `version`; the worker replies ("eval", results)."""
+
+    version: int
+    prompts: list[Prompt]
+    max_new_tokens: int
 
 
 def reward_fields(row: dict[str, Any], prompt_key: str, answer_key: str) -> dict[str, Any]:
@@ -111,11 +121,26 @@ class RolloutWorker:
         }
         return groups, timings
 
+    def evaluate(self, request: EvalRequest, receiver=None, mode: str = "keep", timeout_s: float = 600.0) -> dict:
+        """Held-out evaluation on this worker's engine (its idle time in an async run), with weights
+        of version >= request.version: waits for them if needed, and applies no other update until
+        done, so every evaluated token comes from one version. Requests in flight keep running."""
+        from areal.rollout.weight_receiver import apply
+
+        from areal.evaluate import evaluate
+
+        if self.backend.version < request.version and receiver is not None:
+            update = receiver.wait_for(request.version, timeout=timeout_s)
+            if update is not None:
+                apply(update, self.backend, mode)
+        result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
+        return {**result, "eval/step": request.version, "eval/version": self.backend.version}
+
     def serve(self, inbox, outbox, receiver=None, mode: str = "keep", stats_every_s: float = 0.2) -> None:
         """Streaming loop: start admitted prompts, step the engine, ship each group as it completes.
 
-        inbox yields `PromptBatch`es and finally None; outbox receives ("group", Group) and
-        ("stats", dict). Weight updates are applied between two engine steps.
+        inbox yields `PromptBatch`es and `EvalRequest`s, finally None; outbox receives ("group",
+        Group), ("eval", dict) and ("stats", dict). Weight updates are applied between two engine steps.
         """
         from areal.rollout.weight_receiver import apply
 
@@ -145,6 +170,8 @@ class RolloutWorker:
                 msg = False
             if msg is None:
                 stopping = True
+            elif isinstance(msg, EvalRequest):
+                outbox.put(("eval", self.evaluate(msg, receiver, mode)))
             elif msg:
                 pending.extend((msg.min_version, g, p) for g, p in zip(msg.group_ids, msg.prompts))
             if pending and pending[0][0] > engine.version and idle and receiver is not None:

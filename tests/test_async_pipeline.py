@@ -47,6 +47,10 @@ def test_eta2_run_stays_within_the_bound_and_accounts_for_every_group(tmp_path):
     assert buf["consumed"] == 6 * 4
     # admission bound: accepted + running <= (eta + v + 1) * B
     assert adm["accepted"] + adm["running"] <= (2 + adm["version"] + 1) * 4
+    # held-out evaluation ran on the rollout worker with exactly the weights of the step it is logged at
+    evals = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [(r["step"], r["eval/step"], r["eval/version"]) for r in evals] == [(0, 0, 0), (6, 6, 6)]
+    assert s["eval_accuracy_final"] == evals[-1]["eval/accuracy"]
 
 
 def test_a_kv_pool_too_small_for_a_prompt_fails_before_any_process_starts(tmp_path):
@@ -122,3 +126,18 @@ def test_ctrl_c_stops_every_role_and_leaves_no_process_behind(tmp_path):
     assert proc.returncode == 130, err
     time.sleep(1.0)
     assert _session_members(proc.pid) == [], "processes survived Ctrl-C"
+
+
+@pytest.mark.slow
+def test_two_rollout_workers_share_generation_and_the_evaluation(tmp_path):
+    one = train(recipe(tmp_path, "one", "run.mode=sync", "trainer.steps=1", "run.eval_every=1"))
+    two = train(recipe(tmp_path, "two", "run.mode=async", "rollout.num_workers=2", "rollout.max_staleness=1",
+                       "trainer.steps=4", "run.eval_every=4"))
+    records = read_metrics(two.run_dir / "metrics.jsonl")
+    evals = [r for r in records if "eval/accuracy" in r]
+    assert [r["eval/step"] for r in evals] == [0, 4]
+    assert all(r["eval/num_prompts"] == 16 for r in evals)  # two shards, merged
+    # the initial weights are the same everywhere, and greedy decoding is deterministic
+    assert two.summary["eval_accuracy_initial"] == one.summary["eval_accuracy_initial"]
+    assert {"idle/rollout0", "idle/rollout1"} <= set(records[-1])  # both workers reported
+    assert max(r["staleness/lag_max"] for r in records[1:]) <= 1
