@@ -99,8 +99,8 @@ def run_areal(name: str, overrides: list[str], steps: int, out: Path, log) -> di
     eval_s, evals, rewards = 0.0, [], []
     for r in rows:  # areal's clock: time/wall_s from the first evaluation; also one without evaluations
         eval_s += r.get("eval/seconds", 0.0)
-        if "eval/accuracy" in r:
-            evals.append((r["step"], r["eval/accuracy"], r["time/wall_s"]))
+        if "eval/accuracy" in r:  # clock when the result was in (async: evaluated on a rollout worker)
+            evals.append((r["step"], r["eval/accuracy"], r.get("eval/wall_s", r["time/wall_s"])))
         if r["step"] > 0:
             rewards.append((r["step"], r["reward/mean"], r["time/wall_s"]))
     return {**res, "wall": summary["wall_seconds"], "loop_seconds": summary["loop_seconds"],
@@ -221,6 +221,10 @@ def main(argv=None) -> int:
                                               f"(final {trl['accuracy']:.3f}); trl {trl['wall']:.1f} s / "
                                               f"{best_async['name']} {areal_end:.1f} s (run clock at its last step, evaluations included)")
         result["speedup_vs_trl_equal_steps"] = trl["wall"] / best_async["evals"][-1][2]
+        # the other common level: TRL's own final accuracy, when the async run reaches it too
+        trl_end, areal_at = first_reaching(trl["evals"], trl["accuracy"]), first_reaching(best_async["evals"], trl["accuracy"])
+        if trl_end and areal_at and areal_at[1] > 0:
+            result["speedup_vs_trl_at_trl_final_accuracy"] = trl_end[1] / areal_at[1]
         result["accuracy_trl"] = trl["accuracy"]
         result["wall_trl"] = trl["wall"]
     (out / "result.json").write_text(json.dumps(result, indent=1))
