@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 
 from areal.config import build
@@ -50,7 +51,8 @@ def main() -> None:
             for seed in args.seeds:
                 rows.append(run(eta, decoupled, args.steps, seed, args.out))
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n| eta | naive PPO | decoupled PPO |  ({args.steps} steps, held-out greedy accuracy, mean over seeds)")
+    print(f"\n| eta | naive PPO | decoupled PPO |  ({args.steps} steps, held-out greedy accuracy, "
+          f"mean ± sample std over seeds {args.seeds})")
     print("|---|---|---|")
     table = {}
     for eta in args.etas:
@@ -59,7 +61,8 @@ def main() -> None:
             accs = [r["accuracy"] for r in rows if r["eta"] == eta and r["objective"] == objective]
             value = sum(accs) / len(accs) if accs else None
             table[f"{objective}_eta{eta}"] = value
-            cells.append("-" if value is None else f"{100 * value:.1f}")
+            spread = "" if len(accs) < 2 else f" ± {100 * statistics.stdev(accs):.1f}"
+            cells.append("-" if value is None else f"{100 * value:.1f}{spread}")
         print(f"| {eta} | {cells[0]} | {cells[1]} |")
     print(json.dumps({"steps": args.steps, "seeds": args.seeds, "accuracy": table, "runs": rows}))
 
