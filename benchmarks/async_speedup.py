@@ -36,19 +36,22 @@ Note on threads: on this shared 2-core machine a 2-thread sync run was 17x slowe
 1-thread one (40 steps: 357 s vs 20 s loop at load average ~5, OpenMP threads waiting on each
 other), so the default sync baseline uses 1 thread; pass --sync-threads 1,2 to measure both.
 
-Measured 2026-11-21, 300 steps, shared 2-core CPU (load average 2.6-3.9 during the runs):
+Measured 2026-11-21 (second round: shared-prompt packing, evaluation on the rollout worker),
+300 steps, 2-core CPU, load average 1.0-1.6 (the runs themselves):
   config      wall s  t_reward>=0.45  held-out acc
-  sync-t1      109.1   38.9 s (109)    0.898
-  async-eta1   121.8   54.5 s (150)    0.858
-  async-eta2   125.6   55.3 s (147)    0.826
-  async-eta4   124.8   85.1 s (228)    0.674
-  trl          133.8   57.8 s (132)    0.824   (train clock, evaluation and loading excluded)
-  speedup_vs_sync 0.90 (loop only: 0.96), speedup_vs_trl 1.23 at equal steps (TRL never reached 0.858).
-Why async does not win here: generation is ~8% of a sync step (0.028 s of 0.333 s: 6-token
-completions of a 0.5M model on areal's engine), training ~90%, so overlapping them can save at
-most ~9% (Amdahl); the rollout worker idles ~73% and every consumed batch is exactly eta
-versions stale, which costs accuracy (more with larger eta); async also pays ~8 s more start-up
-(spawned trainer + rollout processes re-import torch/transformers and load the model again).
+  sync-t1       71.8   29.4 s (127)    0.870
+  async-eta1    64.6   26.0 s (128)    0.838
+  async-eta2    62.0   33.9 s (178)    0.822
+  async-eta4    62.2   46.9 s (257)    0.674
+  trl          140.3   62.3 s (132)    0.824   (train clock, evaluation and loading excluded)
+  speedup_vs_sync 1.16 (eta 2; eta 1: 1.11), speedup_vs_trl 2.55 (to 0.822, TRL's step 300).
+Why not 2x: on a CPU, decoding is compute-bound like training, and a step's training costs
+~4 forward passes per token (pi_prox forward, then forward + backward) against ~1 for
+generating it, so generation is 13% of a step's work here (0.018 s vs 0.145 s,
+`benchmarks/step_balance.py`) and overlapping the two can save at most that: the bound
+(G + T) / max(G, T) is 1.13 on this task and 1.43 even at 48-token completions. The rollout
+worker idles ~60%; async also pays ~3 s more start-up (spawned processes import torch and
+transformers again). AReaL's 2.57x is on GPUs, where decoding is memory-bound and dominates.
 """
 
 from __future__ import annotations
