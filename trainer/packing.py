@@ -122,29 +122,7 @@ def sequence_lengths(attention_mask: Tensor) -> Tensor:
 
 def pack_rows(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, rows: Tensor) -> MicroBatch:
     """Concatenate the valid tokens of `rows` (right-padded batch) into one packed row."""
-    lengths = sequence_lengths(attention_mask)[rows]
-    device = input_ids.device
-    cu = torch.zeros(len(rows) + 1, dtype=torch.long, device=device)
-    cu[1:] = torch.cumsum(lengths, 0)
-    ids, pos, hidden_index, t_row, t_col = [], [], [], [], []
-    for k, r in enumerate(rows.tolist()):
-        n = int(lengths[k])
-        ids.append(input_ids[r, :n])
-        pos.append(torch.arange(n, device=device))
-        cols = torch.nonzero(loss_mask[r, : max(n - 1, 0)], as_tuple=False).flatten()  # hidden t predicts t+1
-        hidden_index.append(cols + cu[k])
-        t_row.append(torch.full_like(cols, r))
-        t_col.append(cols)
-    return MicroBatch(
-        rows=rows,
-        input_ids=torch.cat(ids)[None],
-        position_ids=torch.cat(pos)[None],
-        attention_mask=None,
-        cu_seqlens=cu,
-        hidden_index=torch.cat(hidden_index),
-        target_row=torch.cat(t_row),
-        target_col=torch.cat(t_col),
-    )
+    return pack_groups(input_ids, attention_mask, loss_mask, list(rows.split(1)))
 
 
 def common_prefix_length(seqs: list[Tensor]) -> int:
@@ -206,7 +184,7 @@ def pack_groups(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, gr
         hidden_index=torch.cat(hidden_index),
         target_row=torch.cat(t_row),
         target_col=torch.cat(t_col),
-        segment_masks=masks,
+        segment_masks=masks if any(m is not None for m in masks) else None,  # None: plain per-sequence causal
     )
 
 
