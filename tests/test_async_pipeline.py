@@ -114,6 +114,8 @@ def test_ctrl_c_stops_every_role_and_leaves_no_process_behind(tmp_path):
         [sys.executable, "-m", "areal.train", "recipe=recipes/math.yaml", *SMALL, "trainer.steps=100000",
          f"run.run_dir={run_dir}"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # a shell's background job (`cmd &`) starts with SIGINT ignored, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (
