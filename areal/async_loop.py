@@ -2,7 +2,8 @@
 
 Generation never waits for training: rollout workers stream groups into the buffer while
 the trainer updates. Admission keeps every rollout within eta versions of the trainer
-(`areal.buffer.staleness`); weights go out in the background after each step.
+(`areal.buffer.staleness`); weights go out in the background after each step, and held-out
+evaluation runs on the workers (`RemoteEvaluator`), never on the trainer's critical path.
 """
 
 from __future__ import annotations

@@ -23,10 +23,13 @@ JSON (last line):
                    ("best async eta"; the fastest sync is the conservative baseline).
   speedup_vs_trl   TRL's clock at the first evaluation where its held-out accuracy >= the best
                    async run's final accuracy, / the best async run's clock at ITS first
-                   evaluation reaching that accuracy. If TRL never reaches it, the ratio at equal
-                   steps (TRL train clock / the async run's clock `time/wall_s` at its last step),
-                   and `speedup_vs_trl_basis` says which.
-  Both are conservative for areal: areal's clocks include evaluation, TRL's exclude it.
+                   evaluation reaching that accuracy (`eval/wall_s`: when the result was in). If
+                   TRL never reaches it, the ratio at equal steps (TRL train clock / the async
+                   run's clock at its last evaluation), and `speedup_vs_trl_basis` says which.
+  speedup_vs_trl_at_trl_final_accuracy  the same ratio at TRL's own final accuracy, when the
+                   best async run reaches it.
+  Both are conservative for areal: areal's clocks include evaluation (sync: inline; async: the
+  wait for the last result), TRL's exclude it.
 
     python benchmarks/async_speedup.py             # 300 steps (the recipe), ~15 min on an idle 2-core CPU
     python benchmarks/async_speedup.py --quick     # 40 steps, smoke test
