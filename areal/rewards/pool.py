@@ -231,6 +231,7 @@ class _ScoringRun:
         self.rewards = [0.0] * len(requests)
         self.failures = {kind: 0 for kind in FAILURE_KINDS}
         self.remaining = len(requests)
+        self.failed: list[tuple[int, str, str]] = []  # (request index, kind, detail), logged at the end
         self.queue: deque[tuple[int, bytes]] = deque()
         for index, request in enumerate(requests):
             try:
@@ -240,6 +241,14 @@ class _ScoringRun:
                 self._fail(index, "error", "sample cannot be sent to a worker:\n" + traceback.format_exc())
 
     def run(self) -> RewardResult:
+        try:
+            self._loop()
+        finally:  # in request order, whichever worker finished first: the log reads the same every run
+            for index, kind, detail in sorted(self.failed, key=lambda f: f[0]):
+                self.pool._log_failure(kind, self.requests[index], detail)
+        return RewardResult(self.rewards, self.failures)
+
+    def _loop(self) -> None:
         while self.remaining:
             if self.pool._closed:
                 raise RuntimeError("RewardPool was closed while scoring")
@@ -257,14 +266,13 @@ class _ScoringRun:
                 if worker.conn in readable:
                     self._drain(worker)
             self._enforce_deadlines()
-        return RewardResult(self.rewards, self.failures)
 
     def _fail(self, index: int, kind: str, detail: str) -> None:
         self.rewards[index] = 0.0
         self.failures[kind] += 1
         self.pool.total_failures[kind] += 1
         self.remaining -= 1
-        self.pool._log_failure(kind, self.requests[index], detail)
+        self.failed.append((index, kind, detail))
 
     def _deadline(self, worker: _Worker, now: float) -> float:
         """When the worker's current call runs out of time (a lower bound: checked again then)."""
