@@ -1,8 +1,10 @@
 """Running a recipe: set up, step, log, evaluate, summarise.
 
-`run()` is the same for both modes; only the step iterator differs:
-  - `sync_steps`: one process alternating generation and training (the reference);
-  - `areal.async_loop.async_steps`: rollout workers and the trainer in separate processes.
+`drive()` is the same for both modes; only the step iterator and the evaluation differ:
+  - `sync_steps`: one process alternating generation and training (the reference),
+    evaluating in place;
+  - `areal.async_loop.async_steps`: rollout workers and the trainer in separate processes,
+    evaluating on the workers (`RemoteEvaluator` returns a Future).
 Each yields (step, groups, metrics) after every policy update.
 """
 
