@@ -62,3 +62,15 @@ def test_naive_ppo_uses_behaviour_as_proximal(tiny_qwen2):
     batch = build_batch(make_groups(), [[1.0, -1.0], [-1.0, 1.0]], pad_token_id=0)
     stats = engine.train_step(batch)
     assert stats["time/proximal_s"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_entropy_bonus_enters_the_loss(tiny_qwen2):
+    """trainer.entropy_coef subtracts coef x the aggregated entropy from the same loss."""
+    import copy
+
+    out = {}
+    for coef in (0.0, 0.5):
+        engine = TrainEngine(copy.deepcopy(tiny_qwen2), TrainerConfig(entropy_coef=coef), temperature=1.0)
+        out[coef] = engine.train_step(build_batch(make_groups(), None, pad_token_id=0))
+    assert out[0.5]["train/entropy"] == pytest.approx(out[0.0]["train/entropy"], rel=1e-6)
+    assert out[0.5]["train/loss"] == pytest.approx(out[0.0]["train/loss"] - 0.5 * out[0.0]["train/entropy"], abs=1e-6)

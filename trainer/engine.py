@@ -29,7 +29,7 @@ from areal.trainer.backends import TorchBackend, lr_lambda, make_backend, world 
 from areal.trainer.batch import TrainBatch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.critic import ValueModel, clipped_value_loss
-from areal.trainer.loss import _behaviour_weight, aggregate, decoupled_ppo_loss, gspo_loss, kl_penalty
+from areal.trainer.loss import _behaviour_weight, aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty
 from areal.trainer.packing import (MicroBatch, make_microbatches, register_varlen_attention, segment_mask_argument,
                                   split_balanced)
 
@@ -222,7 +222,7 @@ class TrainEngine:
             loss = loss + cfg.kl_coef * kl
             stats["kl_ref"] = kl.detach()
         if cfg.entropy_coef:
-            loss = loss - cfg.entropy_coef * aggregate(entropy, eff, **agg)
+            loss = loss + entropy_bonus(entropy, eff, cfg.entropy_coef, **agg)
         stats["entropy"] = aggregate(entropy.detach(), eff)
         return loss, stats
 
