@@ -121,18 +121,12 @@ class RolloutWorker:
         }
         return groups, timings
 
-    def evaluate(self, request: EvalRequest, receiver=None, mode: str = "keep", timeout_s: float = 600.0) -> dict:
-        """Held-out evaluation on this worker's engine (its idle time in an async run), with weights
-        of version >= request.version: waits for them if needed, and applies no other update until
-        done, so every evaluated token comes from one version. Requests in flight keep running."""
-        from areal.rollout.weight_receiver import apply
-
+    def evaluate(self, request: EvalRequest) -> dict:
+        """Held-out evaluation on this worker's engine with its current weights (`serve` first waits
+        for version >= request.version and applies no other update until this returns, so every
+        evaluated token comes from one version). Requests in flight keep running meanwhile."""
         from areal.evaluate import evaluate
 
-        if self.backend.version < request.version and receiver is not None:
-            update = receiver.wait_for(request.version, timeout=timeout_s)
-            if update is not None:
-                apply(update, self.backend, mode)
         result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
         return {**result, "eval/step": request.version, "eval/version": self.backend.version}
 
@@ -151,6 +145,12 @@ class RolloutWorker:
         stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
         busy_s, idle_s = 0.0, 0.0
 
+        def take(update) -> None:  # apply a received update between two engine steps, and count it
+            nonlocal pause_s, updates
+            if update is not None:
+                pause_s += apply(update, engine, mode)
+                updates += 1
+
         def on_finish(group_id: int, out: GenerationOutput) -> None:
             outs = in_flight[group_id][1]
             outs.append(out)
@@ -159,10 +159,7 @@ class RolloutWorker:
 
         while not (stopping and not pending and not in_flight):
             t0 = time.perf_counter()
-            update = receiver.poll() if receiver is not None else None
-            if update is not None:
-                pause_s += apply(update, engine, mode)
-                updates += 1
+            take(receiver.poll() if receiver is not None else None)
             idle = not (self.streaming and engine.has_unfinished())
             try:
                 msg = inbox.get(timeout=0.02) if idle and not pending else inbox.get_nowait()
@@ -171,17 +168,16 @@ class RolloutWorker:
             if msg is None:
                 stopping = True
             elif isinstance(msg, EvalRequest):
-                outbox.put(("eval", self.evaluate(msg, receiver, mode)))
+                if engine.version < msg.version and receiver is not None:
+                    take(receiver.wait_for(msg.version, timeout=600.0))
+                outbox.put(("eval", self.evaluate(msg)))
             elif msg:
                 pending.extend((msg.min_version, g, p) for g, p in zip(msg.group_ids, msg.prompts))
             if pending and pending[0][0] > engine.version and idle and receiver is not None:
                 try:  # eta=0 or a fast worker: the admitted prompts need weights not yet here
-                    update = receiver.wait_for(pending[0][0], timeout=0.05)
+                    take(receiver.wait_for(pending[0][0], timeout=0.05))
                 except TimeoutError:
-                    update = None
-                if update is not None:
-                    pause_s += apply(update, engine, mode)
-                    updates += 1
+                    pass
             ready = []
             while pending and pending[0][0] <= engine.version:
                 ready.append(pending.popleft()[1:])
