@@ -150,14 +150,22 @@ def shared_prefix_mask(prefix: int, own_lengths: list[int], device=None) -> Tens
     return causal & visible
 
 
-def pack_groups(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, groups: list[Tensor]) -> MicroBatch:
-    """Pack whole groups (row index tensors), each group's common prefix stored once (module doc)."""
+def _group_prefix(input_ids: Tensor, lengths: Tensor, rows: Tensor) -> int:
+    """Common prefix length of a group's rows (their valid tokens)."""
+    return common_prefix_length([input_ids[r, : int(lengths[r])] for r in rows.tolist()])
+
+
+def pack_groups(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor, groups: list[Tensor],
+                prefixes: list[int] | None = None) -> MicroBatch:
+    """Pack whole groups (row index tensors), each group's common prefix stored once (module doc).
+    `prefixes`: each group's common prefix length, if the caller already has it."""
     lengths = sequence_lengths(attention_mask)
     device = input_ids.device
+    if prefixes is None:
+        prefixes = [_group_prefix(input_ids, lengths, rows) for rows in groups]
     ids, pos, masks, hidden_index, t_row, t_col, bounds = [], [], [], [], [], [], [0]
-    for rows in groups:
+    for rows, prefix in zip(groups, prefixes):
         seqs = [input_ids[r, : int(lengths[r])] for r in rows.tolist()]
-        prefix = common_prefix_length(seqs)
         seg_start = bounds[-1]
         ids.append(seqs[0][:prefix])
         pos.append(torch.arange(prefix, device=device))
@@ -218,8 +226,10 @@ def make_microbatches(
     """
     if packed and group_index is not None:
         groups = [rows[group_index[rows] == g] for g in torch.unique(group_index[rows]).tolist()]
-        cost = [_shared_tokens(input_ids, attention_mask, g) for g in groups]
-        return [pack_groups(input_ids, attention_mask, loss_mask, [groups[i] for i in b])
+        lengths = sequence_lengths(attention_mask)
+        prefixes = [_group_prefix(input_ids, lengths, g) for g in groups]
+        cost = [p + int((lengths[g] - p).sum()) for g, p in zip(groups, prefixes)]  # tokens, prompt once
+        return [pack_groups(input_ids, attention_mask, loss_mask, [groups[i] for i in b], [prefixes[i] for i in b])
                 for b in balanced_partition(cost, max_tokens)]
     if packed:
         lengths = sequence_lengths(attention_mask)[rows].tolist()
@@ -227,13 +237,6 @@ def make_microbatches(
                 for b in balanced_partition(lengths, max_tokens)]
     per_mb = max(1, max_tokens // input_ids.shape[1])
     return [pad_rows(input_ids, attention_mask, loss_mask, part) for part in rows.split(per_mb)]
-
-
-def _shared_tokens(input_ids: Tensor, attention_mask: Tensor, rows: Tensor) -> int:
-    """Tokens of a group once its common prefix is stored once."""
-    lengths = sequence_lengths(attention_mask)[rows].tolist()
-    prefix = common_prefix_length([input_ids[r, :n] for r, n in zip(rows.tolist(), lengths)])
-    return prefix + sum(n - prefix for n in lengths)
 
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
