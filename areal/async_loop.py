@@ -61,17 +61,17 @@ class RemoteEvaluator:
     idle time); the Future resolves with the merged result once every shard is in."""
 
     def __init__(self, inboxes, prompts, max_new_tokens: int):
-        self.inboxes, self.prompts, self.max_new_tokens = inboxes, prompts, max_new_tokens
+        shards = [prompts[r::len(inboxes)] for r in range(len(inboxes))]
+        self.shards = [(inbox, shard) for inbox, shard in zip(inboxes, shards) if shard]  # the same every time
+        self.max_new_tokens = max_new_tokens
         self._pending: dict[int, tuple[Future, list[dict], int]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, step: int) -> Future:
-        shards = [self.prompts[r::len(self.inboxes)] for r in range(len(self.inboxes))]
-        shards = [(inbox, shard) for inbox, shard in zip(self.inboxes, shards) if shard]
         future: Future = Future()
         with self._lock:
-            self._pending[step] = (future, [], len(shards))
-        for inbox, shard in shards:
+            self._pending[step] = (future, [], len(self.shards))
+        for inbox, shard in self.shards:
             inbox.put(EvalRequest(step, shard, self.max_new_tokens))
         return future
 
