@@ -199,18 +199,22 @@ def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
     evals: list[dict] = []
     generated = 0
 
-    def request_eval(step: int):
+    def request_eval(step: int) -> Future:
         evaluation = eval_fn(step)
-        if isinstance(evaluation, Future):  # stamp when the result is in, not when it is logged
-            evaluation.add_done_callback(lambda f: setattr(f, "wall_s", time.perf_counter() - start))
+        if not isinstance(evaluation, Future):  # evaluated in place: already done
+            done, evaluation = evaluation, Future()
+            evaluation.set_result(done)
+        # stamp when the result is in, not when it is logged
+        evaluation.add_done_callback(lambda f: setattr(f, "wall_s", time.perf_counter() - start))
         return evaluation
 
     def flush(view, block: bool) -> None:
-        while waiting and (block or _ready(waiting[0][2])):
+        while waiting and (block or waiting[0][2] is None or waiting[0][2].done()):
             step, metrics, evaluation = waiting.popleft()
             if evaluation is not None:
+                result = _result(evaluation)  # done() can come a moment before the stamping callback
                 wall = getattr(evaluation, "wall_s", time.perf_counter() - start)
-                evals.append({**_result(evaluation), "eval/wall_s": wall})
+                evals.append({**result, "eval/wall_s": wall})
                 metrics.update(evals[-1])
             sink.log(step, metrics)
             if step == 0:
@@ -247,13 +251,7 @@ def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
     return summary
 
 
-def _ready(evaluation) -> bool:
-    return evaluation is None or not isinstance(evaluation, Future) or evaluation.done()
-
-
-def _result(evaluation, timeout_s: float = 600.0) -> dict:
-    if not isinstance(evaluation, Future):
-        return evaluation
+def _result(evaluation: Future, timeout_s: float = 600.0) -> dict:
     try:
         return evaluation.result(timeout=timeout_s)
     except TimeoutError:
