@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from areal.buffer.config import BufferConfig
+from areal.checkpoint.config import CheckpointConfig
 from areal.data import DataConfig
 from areal.metrics import LoggingConfig
 from areal.model import ModelConfig
@@ -43,6 +44,7 @@ class Recipe:
     reward: RewardConfig = option(RewardConfig(), "Reward function.")
     buffer: BufferConfig = option(BufferConfig(), "Trajectory buffer between rollout and trainer (async mode).")
     trainer: TrainerConfig = option(TrainerConfig(), "Policy optimisation.")
+    checkpoint: CheckpointConfig = option(CheckpointConfig(), "Checkpoints, resume and model export.")
     logging: LoggingConfig = option(LoggingConfig(), "Metrics and console.")
     run: RunConfig = option(RunConfig(), "Run-wide settings.")
 

@@ -1,0 +1,1 @@
+"""Keeping what training makes: lazy asynchronous checkpoints, exact resume, model export."""
