@@ -3,6 +3,8 @@
 Offline:    Engine(path_or_model, num_blocks=..., block_size=...).generate(prompts, SamplingParams(n=8))
 Streaming:  rid = engine.add_request(prompt_ids, params, on_finish=cb); while engine.has_unfinished(): engine.step()
             (cb(request_id, GenerationOutput) fires for each sample the step it finishes)
+Resume:     partial = engine.unfinished(rid)   # samples still generating, tokens so far (a snapshot)
+            other.add_request(prompt_ids, params, on_finish=cb, resume=partial)   # continue them elsewhere
 Weights:    between two steps: begin_update(v); load_bucket(named_tensors)*; finish_update(v, mode)
             mode="keep": in-flight sequences continue on their old KV; "recompute": their KV is
             rebuilt under the new weights. Every token records the version that sampled it.
@@ -23,7 +25,7 @@ from areal.rollout.kv_cache import BlockPool
 from areal.rollout.model_runner import ModelRunner
 from areal.rollout.sampler import SamplingBatch, sample
 from areal.rollout.scheduler import Request, Scheduler, Sequence
-from areal.rollout.types import GenerationOutput, SamplingParams
+from areal.rollout.types import GenerationOutput, PartialSample, SamplingParams
 
 FinishCallback = Callable[[int, GenerationOutput], None]
 
@@ -91,7 +93,15 @@ class Engine:
         params: SamplingParams,
         on_finish: FinishCallback | None = None,
         prompt_index: int = 0,
+        resume: list[PartialSample] | None = None,
     ) -> int:
+        """Start a request of `params.n` samples; returns its id.
+
+        `resume`: run only these samples of the request (the caller holds the others, finished):
+        each continues from its tokens so far (prompt + tokens re-prefilled, like a recompute-mode
+        update), its log-probs and versions lists starting as the given ones. The seed is derived as
+        for the original request, so a seeded request yields the tokens it would have uninterrupted.
+        All n samples with no tokens yet is exactly a fresh request."""
         prompt = list(prompt_token_ids)
         if not prompt:
             raise ValueError("empty prompt")
@@ -99,15 +109,65 @@ class Engine:
             raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_model_len={self.max_model_len}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: pass Engine(..., tokenizer=...)")
+        if resume is not None:
+            self._check_resume(resume, params, len(prompt))
+            if len(resume) == params.n and not any(p.token_ids for p in resume):
+                resume = None  # nothing generated yet: start the group as new (one leader, forked)
         seed = self._rng.getrandbits(62) if params.seed is None else (params.seed * 1_000_003 + prompt_index)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
         rid = next(self._ids)
         req = Request(rid, prompt_index, prompt, params, seed & ((1 << 62) - 1), stop_ids, on_finish)
-        leader = Sequence(req, 0, list(prompt), len(prompt), fork_pending=params.n if params.n > 1 else 0)
-        req.sequences.append(leader)
+        if resume is None:
+            fork = params.n if params.n > 1 else 0
+            req.sequences.append(Sequence(req, 0, list(prompt), len(prompt), fork_pending=fork))
+        else:
+            req.num_finished = params.n - len(resume)  # the caller's finished samples count as done
+            for p in sorted(resume, key=lambda p: p.sample_index):
+                req.sequences.append(Sequence(req, p.sample_index, prompt + list(p.token_ids), len(prompt),
+                                              logprobs=list(p.logprobs), versions=list(p.versions)))
         self.requests[rid] = req
-        self.scheduler.add(leader)
+        for seq in req.sequences:
+            self.scheduler.add(seq)
         return rid
+
+    def _check_resume(self, resume: list[PartialSample], params: SamplingParams, prompt_len: int) -> None:
+        indices = [p.sample_index for p in resume]
+        if not resume:
+            raise ValueError("resume=[]: no sample left to run")
+        if len(set(indices)) != len(indices) or not all(0 <= i < params.n for i in indices):
+            raise ValueError(f"resume: sample indices {indices} must be distinct and in [0, {params.n})")
+        for p in resume:
+            if not len(p.token_ids) == len(p.logprobs) == len(p.versions):
+                raise ValueError(f"resume: sample {p.sample_index} has unequal tokens/logprobs/versions")
+            if len(p.token_ids) >= params.max_new_tokens or prompt_len + len(p.token_ids) >= self.max_model_len:
+                raise ValueError(f"resume: sample {p.sample_index} ({len(p.token_ids)} tokens) had already finished")
+
+    def unfinished(self, request_id: int) -> list[PartialSample]:
+        """The request's samples still generating, with their tokens, log-probs and versions so far
+        (copies), by sample index; a group leader not yet forked stands for all n samples, empty.
+        [] for an unknown or finished request. Reads only: generation is not disturbed."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return []
+        out: list[PartialSample] = []
+        for seq in req.sequences:
+            if seq.finish_reason is not None:
+                continue
+            if seq.fork_pending:
+                out.extend(PartialSample(i) for i in range(seq.fork_pending))
+            else:
+                out.append(PartialSample(seq.sample_index, seq.token_ids[seq.num_prompt_tokens :],
+                                         list(seq.logprobs), list(seq.versions)))
+        return sorted(out, key=lambda p: p.sample_index)
+
+    def get_rng_state(self) -> list:
+        """The state of the generator that seeds unseeded requests, JSON-able."""
+        version, internal, gauss = self._rng.getstate()
+        return [version, list(internal), gauss]
+
+    def set_rng_state(self, state: list) -> None:
+        version, internal, gauss = state
+        self._rng.setstate((version, tuple(internal), gauss))
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()

@@ -192,7 +192,8 @@ class Scheduler:
         prompt blocks a running sibling already computed instead of recomputing them.
         Returns 'adopted', 'wait' (a sibling is computing the prompt right now) or 'none'."""
         bs = self.pool.block_size
-        full = seq.num_prompt_tokens // bs
+        # at least the last token must be computed here, for its logits (a resumed sample may have none generated)
+        full = min(seq.num_prompt_tokens, seq.num_tokens - 1) // bs
         if full == 0:
             return "none"
         waiting_for_sibling = False

@@ -48,3 +48,41 @@ class GenerationOutput:
     versions: list[int]  # policy version that produced each token
     finish_reason: str  # "stop" or "length" (or "abort")
     sample_index: int = 0  # which of the prompt's n samples this is
+
+    def to_dict(self) -> dict:
+        return dict(prompt_index=self.prompt_index, token_ids=list(self.token_ids), logprobs=list(self.logprobs),
+                    versions=list(self.versions), finish_reason=self.finish_reason, sample_index=self.sample_index)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationOutput":
+        return cls(int(d["prompt_index"]), [int(t) for t in d["token_ids"]], [float(x) for x in d["logprobs"]],
+                   [int(v) for v in d["versions"]], d["finish_reason"], int(d.get("sample_index", 0)))
+
+
+@dataclass
+class PartialSample:
+    """A sample still generating: its completion so far (tokens, behaviour log-probs, versions).
+
+    `Engine.unfinished()` reports these; `Engine.add_request(..., resume=[...])` continues them
+    (prompt + tokens re-prefilled), so a checkpoint can hold rollouts in flight."""
+
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not len(self.token_ids) == len(self.logprobs) == len(self.versions):
+            raise ValueError(
+                f"partial sample {self.sample_index}: {len(self.token_ids)} tokens, "
+                f"{len(self.logprobs)} log-probs, {len(self.versions)} versions"
+            )
+
+    def to_dict(self) -> dict:
+        return dict(sample_index=self.sample_index, token_ids=list(self.token_ids), logprobs=list(self.logprobs),
+                    versions=list(self.versions))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PartialSample":
+        return cls(int(d["sample_index"]), [int(t) for t in d["token_ids"]], [float(x) for x in d["logprobs"]],
+                   [int(v) for v in d["versions"]])

@@ -3,18 +3,25 @@
 It owns a generation backend (areal's engine or HF `generate`) and a reward pool and knows
 nothing of the trainer: weights arrive only through `update_weights` / a weight receiver.
 `rollout()` serves the synchronous loop; `serve()` is the streaming loop of a worker process.
+
+Exact resume: a `SnapshotRequest` makes `serve()` report every admitted group not yet shipped
+(prompt, finished samples, the samples still generating with their tokens so far) without
+stopping anything; `ResumeGroups` hands such groups to a fresh worker, which continues them
+(re-prefilling prompt + tokens) before anything newer. All messages round-trip through
+`to_dict()` / `from_dict()` as JSON, for a checkpoint's state.json.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import queue
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from areal.rollout.types import GenerationOutput, SamplingParams
+from areal.rollout.types import GenerationOutput, PartialSample, SamplingParams
 
 from areal.rewards import RewardRequest
 from areal.trajectory import Group, Trajectory
@@ -30,6 +37,13 @@ class Prompt:
     text: str
     token_ids: list[int]
     fields: dict[str, Any]  # the row's other columns, passed to the reward
+
+    def to_dict(self) -> dict:
+        return dict(index=self.index, text=self.text, token_ids=list(self.token_ids), fields=dict(self.fields))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Prompt":
+        return cls(int(d["index"]), d["text"], [int(t) for t in d["token_ids"]], dict(d["fields"]))
 
 
 @dataclass
@@ -48,6 +62,109 @@ class EvalRequest:
     version: int
     prompts: list[Prompt]
     max_new_tokens: int
+
+
+@dataclass
+class SnapshotRequest:
+    """Inbox: report the in-flight state as of now; the worker replies ("snapshot", WorkerSnapshot)
+    and keeps generating (nothing is aborted)."""
+
+    step: int
+
+    def to_dict(self) -> dict:
+        return {"step": self.step}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SnapshotRequest":
+        return cls(int(d["step"]))
+
+
+@dataclass
+class InFlightGroup:
+    """One admitted group not yet shipped. `partial` are its samples still generating; a group with
+    neither finished nor partial samples has not started."""
+
+    group_id: int
+    min_version: int
+    prompt: Prompt
+    finished: list[GenerationOutput] = field(default_factory=list)
+    partial: list[PartialSample] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(group_id=self.group_id, min_version=self.min_version, prompt=self.prompt.to_dict(),
+                    finished=[o.to_dict() for o in self.finished], partial=[p.to_dict() for p in self.partial])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "InFlightGroup":
+        return cls(int(d["group_id"]), int(d["min_version"]), Prompt.from_dict(d["prompt"]),
+                   [GenerationOutput.from_dict(o) for o in d["finished"]],
+                   [PartialSample.from_dict(p) for p in d["partial"]])
+
+
+@dataclass
+class WorkerSnapshot:
+    """Outbox: every group admitted and not yet shipped (pending and in flight, in admission order)
+    and the worker's RNG state (JSON-able), as of the `SnapshotRequest` of `step`."""
+
+    step: int
+    groups: list[InFlightGroup]
+    rng_state: dict
+
+    def to_dict(self) -> dict:
+        return dict(step=self.step, groups=[g.to_dict() for g in self.groups], rng_state=self.rng_state)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorkerSnapshot":
+        return cls(int(d["step"]), [InFlightGroup.from_dict(g) for g in d["groups"]], d["rng_state"])
+
+
+@dataclass
+class ResumeGroups:
+    """Inbox: continue these groups (from a checkpoint) before anything newer; each restarts once the
+    worker holds weights of its min_version. `rng_state` (a snapshot's) is restored first if given."""
+
+    groups: list[InFlightGroup]
+    rng_state: dict | None = None
+
+    def to_dict(self) -> dict:
+        return dict(groups=[g.to_dict() for g in self.groups], rng_state=self.rng_state)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ResumeGroups":
+        return cls([InFlightGroup.from_dict(g) for g in d["groups"]], d.get("rng_state"))
+
+
+@dataclass
+class _Running:
+    """A group started on the backend: its samples so far and the engine request producing the rest."""
+
+    group: InFlightGroup  # as admitted (group id, min_version, prompt)
+    outputs: list[GenerationOutput]  # finished samples
+    request_id: int | None = None  # None: nothing left to generate
+
+    def snapshot(self, backend) -> InFlightGroup:
+        partial = backend.unfinished(self.request_id) if self.request_id is not None else []
+        return dataclasses.replace(self.group, finished=list(self.outputs), partial=partial)
+
+
+def rng_state(backend) -> dict:
+    """The RNG state a worker's generation draws on, JSON-able: torch's CPU generator and (the
+    engine's) the python Random that seeds unseeded requests."""
+    import torch
+
+    state: dict = {"torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    if hasattr(backend, "get_rng_state"):
+        state["python"] = backend.get_rng_state()
+    return state
+
+
+def set_rng_state(backend, state: dict) -> None:
+    import torch
+
+    if "torch_cpu" in state:
+        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
+    if "python" in state and hasattr(backend, "set_rng_state"):
+        backend.set_rng_state(state["python"])
 
 
 def reward_fields(row: dict[str, Any], prompt_key: str, answer_key: str) -> dict[str, Any]:
@@ -78,8 +195,23 @@ class RolloutWorker:
     def _params(self, group_id: int) -> SamplingParams:
         return dataclasses.replace(self.params, seed=group_seed(self.base_seed, group_id))
 
-    def _start(self, group_id: int, prompt: Prompt, on_finish) -> None:
-        self.backend.add_request(prompt.token_ids, self._params(group_id), on_finish=on_finish)
+    def _start(self, group_id: int, prompt: Prompt, on_finish, resume: list[PartialSample] | None = None) -> int:
+        extra = {} if resume is None else {"resume": resume}
+        return self.backend.add_request(prompt.token_ids, self._params(group_id), on_finish=on_finish, **extra)
+
+    def _launch(self, group: InFlightGroup, on_finish) -> _Running:
+        """Start an admitted group on the streaming backend; a resumed one keeps its finished samples
+        and continues the others from their tokens so far (a missing sample starts fresh)."""
+        running = _Running(group, list(group.finished))
+        if not group.finished and not group.partial:
+            running.request_id = self._start(group.group_id, group.prompt, on_finish)
+            return running
+        have = {o.sample_index for o in group.finished}
+        partial = {p.sample_index: p for p in group.partial}
+        resume = [partial.get(i, PartialSample(i)) for i in range(self.params.n) if i not in have]
+        if resume:
+            running.request_id = self._start(group.group_id, group.prompt, on_finish, resume=resume)
+        return running
 
     def make_group(self, group_id: int, prompt: Prompt, outputs: list[GenerationOutput]) -> Group:
         """Decode, score and package one prompt's n samples."""
@@ -130,17 +262,29 @@ class RolloutWorker:
         result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
         return {**result, "eval/step": request.version, "eval/version": self.backend.version}
 
+    def _snapshot(self, step: int, in_flight, pending) -> WorkerSnapshot:
+        """Every admitted group not yet shipped, as of now (reads only: generation goes on untouched)."""
+        groups = [r.snapshot(self.backend) for r in in_flight] + [dataclasses.replace(g) for g in pending]
+        return WorkerSnapshot(step, groups, rng_state(self.backend))
+
+    def _resume(self, msg: ResumeGroups, pending: deque) -> None:
+        """Queue a checkpoint's groups ahead of everything admitted here (they are older)."""
+        if msg.rng_state is not None:
+            set_rng_state(self.backend, msg.rng_state)
+        pending.extendleft(reversed(msg.groups))
+
     def serve(self, inbox, outbox, receiver=None, mode: str = "keep", stats_every_s: float = 0.2) -> None:
         """Streaming loop: start admitted prompts, step the engine, ship each group as it completes.
 
-        inbox yields `PromptBatch`es and `EvalRequest`s, finally None; outbox receives ("group",
-        Group), ("eval", dict) and ("stats", dict). Weight updates are applied between two engine steps.
+        inbox yields `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and `ResumeGroups`, finally
+        None; outbox receives ("group", Group), ("eval", dict), ("snapshot", WorkerSnapshot) and
+        ("stats", dict). Weight updates are applied between two engine steps.
         """
         from areal.rollout.weight_receiver import apply
 
         engine = self.backend
-        pending: deque[tuple[int, int, Prompt]] = deque()  # (min_version, group_id, prompt)
-        in_flight: dict[int, tuple[Prompt, list[GenerationOutput]]] = {}
+        pending: deque[InFlightGroup] = deque()  # admitted, waiting for weights of their min_version
+        in_flight: dict[int, _Running] = {}  # started, by group id, in start order
         done: list[int] = []
         stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
         busy_s, idle_s = 0.0, 0.0
@@ -152,10 +296,15 @@ class RolloutWorker:
                 updates += 1
 
         def on_finish(group_id: int, out: GenerationOutput) -> None:
-            outs = in_flight[group_id][1]
+            outs = in_flight[group_id].outputs
             outs.append(out)
             if len(outs) == self.params.n:
                 done.append(group_id)
+
+        def ship(group_id: int) -> None:
+            running = in_flight.pop(group_id)
+            outs = sorted(running.outputs, key=lambda o: o.sample_index)
+            outbox.put(("group", self.make_group(group_id, running.group.prompt, outs)))
 
         while not (stopping and not pending and not in_flight):
             t0 = time.perf_counter()
@@ -171,29 +320,34 @@ class RolloutWorker:
                 if engine.version < msg.version and receiver is not None:
                     take(receiver.wait_for(msg.version, timeout=600.0))
                 outbox.put(("eval", self.evaluate(msg)))
+            elif isinstance(msg, SnapshotRequest):
+                outbox.put(("snapshot", self._snapshot(msg.step, in_flight.values(), pending)))
+            elif isinstance(msg, ResumeGroups):
+                self._resume(msg, pending)
             elif msg:
-                pending.extend((msg.min_version, g, p) for g, p in zip(msg.group_ids, msg.prompts))
-            if pending and pending[0][0] > engine.version and idle and receiver is not None:
+                pending.extend(InFlightGroup(g, msg.min_version, p) for g, p in zip(msg.group_ids, msg.prompts))
+            if pending and pending[0].min_version > engine.version and idle and receiver is not None:
                 try:  # eta=0 or a fast worker: the admitted prompts need weights not yet here
-                    take(receiver.wait_for(pending[0][0], timeout=0.05))
+                    take(receiver.wait_for(pending[0].min_version, timeout=0.05))
                 except TimeoutError:
                     pass
-            ready = []
-            while pending and pending[0][0] <= engine.version:
-                ready.append(pending.popleft()[1:])
+            ready: list[InFlightGroup] = []
+            while pending and pending[0].min_version <= engine.version:
+                ready.append(pending.popleft())
             if ready and not self.streaming:  # a static-batch backend (HF generate): one batch at a time
-                groups, _ = self.rollout([p for _, p in ready], [g for g, _ in ready])
+                groups, _ = self.rollout([r.prompt for r in ready], [r.group_id for r in ready])  # resumed: whole
                 for group in groups:
                     outbox.put(("group", group))
                 ready = []
-            for g, p in ready:
-                in_flight[g] = (p, [])
-                self._start(g, p, lambda _rid, out, g=g: on_finish(g, out))
+            for group in ready:
+                g = group.group_id
+                in_flight[g] = self._launch(group, lambda _rid, out, g=g: on_finish(g, out))
+                if in_flight[g].request_id is None:  # resumed with every sample already finished
+                    done.append(g)
             if self.streaming and engine.has_unfinished():
                 engine.step()
             for g in done:
-                prompt, outs = in_flight.pop(g)
-                outbox.put(("group", self.make_group(g, prompt, sorted(outs, key=lambda o: o.sample_index))))
+                ship(g)
             done.clear()
             spent = time.perf_counter() - t0
             busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)

@@ -318,3 +318,86 @@ def test_onednn_prepacked_linears_match_and_follow_weight_updates(monkeypatch):
     new_model.load_state_dict(new, strict=False)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0, max_new_tokens=6))
     assert [o.token_ids for o in outs] == [hf_greedy(new_model, p, 6) for p in PROMPTS]
+
+
+# ---------------------------------------------------------------- resume (in-flight state of a checkpoint)
+RESUME_PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # 11 tokens
+# n=4 at temperature 1, seeded; the stop ids make the samples end at different steps (lengths 12, 12, 2, 10)
+RESUME_PARAMS = SamplingParams(n=4, temperature=1.0, max_new_tokens=12, seed=0, stop_token_ids=[3, 4, 5])
+
+
+def _drain(engine, outs: dict) -> None:
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.requests and engine.stats()["kv_blocks_used"] == 0
+
+
+def _assert_same_samples(got: dict, expected: list) -> None:
+    assert sorted(got) == [o.sample_index for o in expected]
+    for e in expected:
+        o = got[e.sample_index]
+        assert o.token_ids == e.token_ids and o.versions == e.versions and o.finish_reason == e.finish_reason
+        assert o.logprobs == pytest.approx(e.logprobs, abs=1e-5)
+
+
+def _interrupted_then_resumed(model, steps: int, prompt=RESUME_PROMPT, params=RESUME_PARAMS, **engine_kw):
+    """Step a group `steps` times, snapshot it, continue it on a FRESH engine; returns (union, partial, finished)."""
+    first = Engine(model, num_blocks=64, block_size=4, **engine_kw)
+    finished: dict = {}
+    rid = first.add_request(prompt, params, on_finish=lambda _r, o: finished.setdefault(o.sample_index, o))
+    for _ in range(steps):
+        first.step()
+    partial = first.unfinished(rid)
+    before = dict(finished)
+    assert sorted([p.sample_index for p in partial] + list(before)) == list(range(params.n))
+    second = Engine(model, num_blocks=64, block_size=4)
+    resumed: dict = {}
+    rid2 = second.add_request(prompt, params, on_finish=lambda _r, o: resumed.setdefault(o.sample_index, o),
+                              resume=partial)
+    _drain(second, resumed)
+    assert second.unfinished(rid2) == []
+    _drain(first, finished)  # the snapshot disturbed nothing: the first engine still finishes the group
+    return {**before, **resumed}, partial, before, finished
+
+
+def test_resume_continues_a_seeded_group_exactly(tiny_qwen2):
+    expected = Engine(tiny_qwen2, num_blocks=64, block_size=4).generate([RESUME_PROMPT], RESUME_PARAMS)
+    union, partial, before, first = _interrupted_then_resumed(tiny_qwen2, steps=5)
+    # mid-generation: one sample finished (2 tokens), the three others carry 5 tokens each
+    assert sorted(before) == [2] and [len(p.token_ids) for p in partial] == [5, 5, 5]
+    assert all(len(p.logprobs) == len(p.versions) == 5 for p in partial)
+    _assert_same_samples(union, expected)
+    _assert_same_samples(first, expected)
+
+
+def test_resume_of_a_group_whose_leader_has_not_forked(tiny_qwen2):
+    expected = Engine(tiny_qwen2, num_blocks=64, block_size=4).generate([RESUME_PROMPT], RESUME_PARAMS)
+    # a 4-token budget: after one step the 11-token prompt is still prefilling, nothing forked
+    union, partial, before, _ = _interrupted_then_resumed(tiny_qwen2, steps=1, max_num_batched_tokens=4)
+    assert not before and [(p.sample_index, p.token_ids) for p in partial] == [(i, []) for i in range(4)]
+    _assert_same_samples(union, expected)
+
+
+def test_resume_with_finished_samples_and_an_empty_one_and_unknown_requests(tiny_qwen2):
+    from areal.rollout.types import PartialSample
+
+    prompt = RESUME_PROMPT[:8]  # two whole blocks of 4: an empty resumed sample must still compute its last token
+    expected = Engine(tiny_qwen2, num_blocks=64, block_size=4).generate([prompt], RESUME_PARAMS)
+    engine = Engine(tiny_qwen2, num_blocks=64, block_size=4)
+    assert engine.unfinished(12345) == []
+    e0 = expected[0]
+    # sample 3 has no token yet: it adopts the prompt blocks sample 0 computes, all but the last token's
+    resume = [PartialSample(3), PartialSample(0, e0.token_ids[:4], e0.logprobs[:4], e0.versions[:4])]
+    got: dict = {}
+    rid = engine.add_request(prompt, RESUME_PARAMS, on_finish=lambda _r, o: got.setdefault(o.sample_index, o),
+                             resume=resume)
+    assert [(p.sample_index, len(p.token_ids)) for p in engine.unfinished(rid)] == [(0, 4), (3, 0)]
+    _drain(engine, got)  # only k=2 of n=4 samples ran, and the request still popped
+    assert engine.unfinished(rid) == [] and rid not in engine.requests
+    assert engine.stats()["prefill_tokens_saved"] == 4
+    _assert_same_samples(got, [expected[0], expected[3]])
+    with pytest.raises(ValueError, match="sample indices"):
+        engine.add_request(prompt, RESUME_PARAMS, resume=[PartialSample(4)])
+    with pytest.raises(ValueError, match="sample indices"):
+        engine.add_request(prompt, RESUME_PARAMS, resume=[PartialSample(1), PartialSample(1)])
+    assert PartialSample.from_dict(resume[1].to_dict()) == resume[1]
