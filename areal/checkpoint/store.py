@@ -149,7 +149,12 @@ def write_shard(tmp_dir: Path, rank: int, tensors: dict[str, torch.Tensor]) -> d
     meta = {k: {"crc32": tensor_crc32(t), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
             for k, t in tensors.items()}
     faults.hit("ckpt.write")
-    save_file(tensors, tmp_dir / name)
+    try:
+        save_file(tensors, tmp_dir / name)
+    except SafetensorError as e:  # the Rust writer's I/O errors say "(os error N)": make them OSErrors again
+        if code := re.search(r"os error (\d+)", str(e)):
+            raise OSError(int(code[1]), str(e), str(tmp_dir / name)) from e
+        raise
     _fsync(tmp_dir / name)
     size, crc = file_crc32(tmp_dir / name)  # read back from the page cache: the crc covers what was written
     entry = {"file": name, "bytes": size, "crc32": crc, "tensors": meta}
