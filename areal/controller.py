@@ -9,8 +9,10 @@ takes the run down with its traceback; Ctrl-C stops every role.
 from __future__ import annotations
 
 import queue
+import signal
 import time
 
+from areal.checkpoint.session import Preempted
 from areal.console import console
 from areal.launcher import Launcher, LocalLauncher, RoleFailed, RoleSpec
 from areal.loop import RunResult, setup
@@ -28,7 +30,8 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
     env = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     specs = [RoleSpec("trainer", "areal.roles:trainer_role", dict(recipe=recipe, run_dir=str(s.run_dir), address=address,
                                                                       inboxes=inboxes, outbox=outbox, results=results,
-                                                                      prompts=(s.train_prompts, s.test_prompts)),
+                                                                      prompts=(s.train_prompts, s.test_prompts),
+                                                                      checkpoint=str(s.checkpoint) if s.checkpoint else None),
                       env, recipe.run.trainer_threads)]
     specs += [RoleSpec(f"rollout{r}", "areal.roles:rollout_role", dict(recipe=recipe, rank=r, address=address,
                                                                          inbox=inboxes[r], outbox=outbox),
@@ -36,8 +39,13 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
     console.print(f"[bold]areal[/bold] async run_dir={s.run_dir} eta={recipe.rollout.max_staleness} "
                   f"rollout workers={workers} backend={recipe.rollout.backend}")
     handles = [launcher.start(spec) for spec in specs]
+    # pre-emption: the trainer checkpoints at the end of its step, then the run stops (Preempted)
+    forward = lambda *_: handles[0].send_signal(signal.SIGUSR1)  # noqa: E731
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         summary = _watch(launcher, handles, results)
+        if "preempted_step" in summary:
+            raise Preempted(summary["preempted_step"], summary["checkpoint"])
     except KeyboardInterrupt:
         console.print("[red]interrupted: stopping every role[/red]")
         raise
@@ -46,6 +54,8 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
             box.put(None)
         for h in handles:
             h.stop(timeout=10)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return RunResult(s.run_dir, summary)
 
 

@@ -60,6 +60,10 @@ class RoleHandle(ABC):
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None: ...
 
+    @abstractmethod
+    def send_signal(self, sig: int) -> None:
+        """Deliver a signal to the role's process (pre-emption reaches the trainer this way)."""
+
 
 class Launcher(ABC):
     """Starts roles and reports their failures; `errors()` yields (role name, traceback) pairs."""
@@ -84,6 +88,10 @@ class _LocalHandle(RoleHandle):
 
     def exitcode(self) -> int | None:
         return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.pid is not None and self.process.is_alive():
+            os.kill(self.process.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.process.join(timeout)

@@ -1,11 +1,12 @@
-"""Running a recipe: set up, step, log, evaluate, summarise.
+"""Running a recipe: set up, step, log, evaluate, checkpoint, export, summarise.
 
-`drive()` is the same for both modes; only the step iterator and the evaluation differ:
-  - `sync_steps`: one process alternating generation and training (the reference),
+`drive()` is the same for both modes; only the step loop and the evaluation differ:
+  - `SyncLoop`: one process alternating generation and training (the reference),
     evaluating in place;
-  - `areal.async_loop.async_steps`: rollout workers and the trainer in separate processes,
+  - `areal.async_loop.AsyncLoop`: rollout workers and the trainer in separate processes,
     evaluating on the workers (`RemoteEvaluator` returns a Future).
-Each yields (step, groups, metrics) after every policy update.
+Each yields (step, groups, metrics) after every policy update, and `capture()`s what a
+checkpoint needs to continue it exactly (areal/checkpoint/session.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from areal.checkpoint.resume import place_run
+from areal.checkpoint.session import CheckpointSession, Preempted, Restored, load_checkpoint, truncate_metrics
 from areal.config import to_dict, to_yaml
 from areal.console import RunView, console
 from areal.data import DataError, PromptSampler, encode_prompt, load_rows
@@ -31,7 +34,7 @@ from areal.report import write_report
 from areal.rewards import RewardPool, load_reward_fn
 from areal.rollout.types import SamplingParams
 from areal.rollout.worker import Prompt, RolloutWorker, reward_fields
-from areal.runtime import make_run_dir, pick_device, seed_everything
+from areal.runtime import pick_device, seed_everything
 from areal.trainer.advantages import filter_uniform_groups
 from areal.trainer.batch import build_batch
 from areal.trainer.engine import TrainEngine
@@ -104,14 +107,18 @@ class Setup:
     policy: torch.nn.Module | None  # None where only the inputs are validated
     train_prompts: list[Prompt]
     test_prompts: list[Prompt]
+    checkpoint: Path | None = None  # the checkpoint this run resumes from
 
 
 def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None,
-          load_policy: bool = True, prompts: tuple[list[Prompt], list[Prompt]] | None = None) -> Setup:
-    """Validate every input (reward spec, model, data, prompt lengths) before any work is written.
+          load_policy: bool = True, prompts: tuple[list[Prompt], list[Prompt]] | None = None,
+          checkpoint: Path | None = None) -> Setup:
+    """Validate every input (reward spec, model, data, prompt lengths) before any work is written,
+    then choose the run folder and the checkpoint to resume from (areal/checkpoint/resume.py).
 
     `load_policy=False` (the async controller) checks the model's config but loads no weights;
-    `prompts` (train, test) already validated by it are taken as they are (the trainer role).
+    `prompts` (train, test) already validated by it are taken as they are, and `run_dir` and
+    `checkpoint` as the controller chose them (the trainer role).
     """
     from transformers import AutoConfig
 
@@ -130,9 +137,10 @@ def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None =
         train_prompts, test_prompts = prompts
     check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
     if run_dir is None:
-        run_dir = make_run_dir(recipe.run.run_dir, recipe_path)
+        place = place_run(to_dict(recipe), recipe.run.run_dir, recipe_path, recipe.checkpoint.resume)
+        run_dir, checkpoint = place.run_dir, place.checkpoint
         (run_dir / "config.yaml").write_text(to_yaml(recipe))
-    return Setup(recipe, run_dir, device, tokenizer, policy, train_prompts, test_prompts)
+    return Setup(recipe, run_dir, device, tokenizer, policy, train_prompts, test_prompts, checkpoint)
 
 
 def new_train_engine(s: Setup) -> TrainEngine:
@@ -141,32 +149,48 @@ def new_train_engine(s: Setup) -> TrainEngine:
                        max_new_tokens=s.recipe.rollout.max_new_tokens)
 
 
-def sync_steps(s: Setup, worker: RolloutWorker, engine: TrainEngine):
-    """Generate B groups with the current weights, train on them, publish, repeat."""
-    tr = s.recipe.trainer
-    sampler = PromptSampler(s.train_prompts, s.recipe.data.shuffle_seed)
-    for step in range(1, tr.steps + 1):
-        t0 = time.perf_counter()
-        prompts = [sampler.next()[1] for _ in range(tr.batch_size)]
-        groups, metrics = worker.rollout(prompts, list(range((step - 1) * tr.batch_size, step * tr.batch_size)))
-        used = groups
-        if s.recipe.buffer.filter_uniform_rewards:
-            keep = filter_uniform_groups(torch.tensor([g.rewards for g in groups])).tolist()
-            used = [g for g, k in zip(groups, keep) if k]
-        metrics["train/groups_used"] = len(used)
-        if used:  # advantages are the engine's job (trainer.advantage, KL-in-reward, overlong penalty)
-            metrics.update(engine.train_step(build_batch(used, None, s.tokenizer.pad_token_id)))
-        else:
-            engine.version += 1  # an empty step still advances the version clock
-        t1 = time.perf_counter()
-        worker.update_weights(engine.version, engine.named_weights(), mode=s.recipe.rollout.weight_update_mode)
-        t2 = time.perf_counter()
-        metrics.update({
-            "time/weight_sync_s": t2 - t1,
-            "time/step_s": t2 - t0,
-            "rollout/tokens_per_s": metrics["rollout/generated_tokens"] / max(metrics["time/generate_s"], 1e-9),
-        })
-        yield step, groups, metrics
+class SyncLoop:
+    """Generate B groups with the current weights, train on them, publish, repeat (the reference).
+
+    Between two steps nothing is in flight, so its resumable state is the data position alone.
+    """
+
+    def __init__(self, s: Setup, worker: RolloutWorker, engine: TrainEngine, restored: Restored | None = None):
+        self.s, self.worker, self.engine = s, worker, engine
+        self.sampler = PromptSampler(s.train_prompts, s.recipe.data.shuffle_seed)
+        self.first_step = 1
+        if restored is not None:
+            self.sampler.load_state(restored.state["loop"]["sampler"])
+            self.first_step = restored.step + 1
+
+    def capture(self) -> tuple[dict, list[Future]]:
+        return {"loop": {"sampler": self.sampler.state()}}, []
+
+    def __iter__(self):
+        s, worker, engine = self.s, self.worker, self.engine
+        tr = s.recipe.trainer
+        for step in range(self.first_step, tr.steps + 1):
+            t0 = time.perf_counter()
+            prompts = [self.sampler.next()[1] for _ in range(tr.batch_size)]
+            groups, metrics = worker.rollout(prompts, list(range((step - 1) * tr.batch_size, step * tr.batch_size)))
+            used = groups
+            if s.recipe.buffer.filter_uniform_rewards:
+                keep = filter_uniform_groups(torch.tensor([g.rewards for g in groups])).tolist()
+                used = [g for g, k in zip(groups, keep) if k]
+            metrics["train/groups_used"] = len(used)
+            if used:  # advantages are the engine's job (trainer.advantage, KL-in-reward, overlong penalty)
+                metrics.update(engine.train_step(build_batch(used, None, s.tokenizer.pad_token_id)))
+            else:
+                engine.version += 1  # an empty step still advances the version clock
+            t1 = time.perf_counter()
+            worker.update_weights(engine.version, engine.named_weights(), mode=s.recipe.rollout.weight_update_mode)
+            t2 = time.perf_counter()
+            metrics.update({
+                "time/weight_sync_s": t2 - t1,
+                "time/step_s": t2 - t0,
+                "rollout/tokens_per_s": metrics["rollout/generated_tokens"] / max(metrics["time/generate_s"], 1e-9),
+            })
+            yield step, groups, metrics
 
 
 def group_metrics(groups) -> dict[str, float]:
@@ -185,19 +209,25 @@ def group_metrics(groups) -> dict[str, float]:
     }
 
 
-def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
-    """Log every step, evaluate every `run.eval_every`, write summary.json and report.png.
+def drive(s: Setup, loop, eval_fn, session: CheckpointSession, restored: Restored | None = None,
+          extra_summary=None) -> dict:
+    """Log every step, evaluate every `run.eval_every`, checkpoint when due, export the model, and
+    write report.png; returns the summary.
 
+    `loop` yields (step, groups, metrics) after every update and `capture()`s its resumable state.
     eval_fn(step) returns the held-out metrics, or a Future of them (async runs evaluate on a
     rollout worker while training goes on): a step's row is logged once its evaluation is in,
     so rows stay in step order with the accuracy of that step's weights.
+    A resumed run (`restored`) keeps metrics.jsonl up to its checkpoint and continues after it.
     """
-    recipe, run_dir = s.recipe, s.run_dir
-    start = time.perf_counter()
-    sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe))
+    recipe, run_dir, last_step = s.recipe, s.run_dir, s.recipe.trainer.steps
+    prior = truncate_metrics(run_dir, restored.step) if restored else []
+    carried = restored.state["drive"] if restored else {"generated": 0, "wall_s": 0.0, "wandb_id": None}
+    start = time.perf_counter() - carried["wall_s"]  # the wall clock continues across a resume
+    sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe), wandb_id=carried["wandb_id"])
     waiting: deque[tuple[int, dict, object]] = deque()  # (step, metrics, evaluation or None), in step order
-    evals: list[dict] = []
-    generated = 0
+    evals: list[dict] = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in prior if "eval/accuracy" in r]
+    generated = carried["generated"]
 
     def request_eval(step: int) -> Future:
         evaluation = eval_fn(step)
@@ -222,29 +252,57 @@ def drive(s: Setup, steps, eval_fn, extra_summary=None) -> dict:
             else:
                 view.step(step, metrics)
 
+    def checkpoint(view, step: int, wait: bool) -> None:
+        if session.busy() and recipe.checkpoint.on_busy == "skip" and not wait:
+            session.skip(step)  # the previous one is still being written
+            return
+        if wait or recipe.checkpoint.on_busy == "wait":
+            flush(view, block=True)  # a pending checkpoint may wait for these rows
+        state, extras = loop.capture()
+        state["drive"] = {"generated": generated, "wall_s": time.perf_counter() - start, "wandb_id": sink.wandb_id}
+        session.save(step, state, [*extras, sink.on_disk(step)], wait=wait)
+
     try:
-        with RunView(recipe.trainer.steps, recipe.logging.progress_bar, recipe.logging.console_every) as view:
-            waiting.append((0, {"time/wall_s": 0.0}, request_eval(0)))
+        with RunView(last_step, recipe.logging.progress_bar, recipe.logging.console_every) as view:
+            if restored is None:
+                waiting.append((0, {"time/wall_s": 0.0}, request_eval(0)))
+            else:
+                console.print(f"resumed from step {restored.step} ({restored.path})")
             flush(view, block=False)
-            for step, groups, metrics in steps:
+            for step, groups, metrics in loop:
                 metrics.update(group_metrics(groups))
+                metrics.update(session.metrics())
                 metrics["version"] = step
+                metrics["data/group_ids"] = [g.group_id for g in groups]  # nothing lost or trained twice, across resumes
+                metrics["data/sample_ids"] = [g.prompt_index for g in groups]
                 generated += sum(len(t.completion_ids) for g in groups for t in g.trajectories)
                 metrics["time/wall_s"] = time.perf_counter() - start
-                due = step % recipe.run.eval_every == 0 or step == recipe.trainer.steps
+                due = step % recipe.run.eval_every == 0 or step == last_step
                 waiting.append((step, metrics, request_eval(step) if due else None))
                 flush(view, block=False)
+                if session.preempt:
+                    checkpoint(view, step, wait=True)
+                    raise Preempted(step, str(session.path_of(step)))
+                if session.due(step, last_step):
+                    checkpoint(view, step, wait=False)
+                if recipe.checkpoint.export_every and step % recipe.checkpoint.export_every == 0:
+                    session.export(run_dir / "exports" / f"step_{step}")
             flush(view, block=True)
+        session.export(run_dir / "model")
+        session.close()
     finally:
         sink.close()
     summary = {
         "eval_accuracy_initial": evals[0]["eval/accuracy"],
         "eval_accuracy_final": evals[-1]["eval/accuracy"],
-        "steps": recipe.trainer.steps,
-        "loop_seconds": time.perf_counter() - start,  # first evaluation to the last step
+        "steps": last_step,
+        "resumed_from_step": restored.step if restored else None,
+        "loop_seconds": time.perf_counter() - start,  # first evaluation to the last step, across resumes
         "generated_tokens": generated,
         "mode": recipe.run.mode,
         "backend": recipe.rollout.backend,
+        "model_dir": str(run_dir / "model"),
+        **session.summary(),
         **(extra_summary() if extra_summary else {}),
     }
     write_report(read_metrics(run_dir / "metrics.jsonl"), run_dir / "report.png", title=run_dir.name)
@@ -264,6 +322,15 @@ class RunResult:
     summary: dict
 
 
+def open_session(s: Setup, engine: TrainEngine) -> tuple[CheckpointSession, Restored | None]:
+    """The run's checkpoint session; on resume, the trainer's state is restored into `engine`."""
+    session = CheckpointSession(s.recipe.checkpoint, s.run_dir, engine, to_dict(s.recipe), s.tokenizer)
+    restored = load_checkpoint(s.checkpoint) if s.checkpoint is not None else None
+    if restored is not None:
+        session.restore_trainer(restored)
+    return session, restored
+
+
 def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
     from areal.runtime import set_threads
 
@@ -271,13 +338,19 @@ def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
     s = setup(recipe, recipe_path)
     console.print(f"[bold]areal[/bold] sync run_dir={s.run_dir} device={s.device} threads={threads} "
                   f"train={len(s.train_prompts)} test={len(s.test_prompts)} backend={recipe.rollout.backend}")
-    backend = make_backend(recipe, copy.deepcopy(s.policy), s.tokenizer)  # the rollout side's own copy
-    engine = new_train_engine(s)
-    with make_reward_pool(recipe) as pool:
-        worker = RolloutWorker(backend, pool, s.tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
-        eval_fn = lambda _step: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
-        summary = drive(s, sync_steps(s, worker, engine), eval_fn,
-                        lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
+    engine = new_train_engine(s)  # from the initial weights: a KL reference copies them
+    session, restored = open_session(s, engine)
+    # the rollout side's own copy, of the (restored) trained weights
+    backend = make_backend(recipe, copy.deepcopy(s.policy), s.tokenizer, version=engine.version)
+    session.preempt.install()
+    try:
+        with make_reward_pool(recipe) as pool:
+            worker = RolloutWorker(backend, pool, s.tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
+            eval_fn = lambda _step: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
+            summary = drive(s, SyncLoop(s, worker, engine, restored), eval_fn, session, restored,
+                            lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
+    finally:
+        session.preempt.uninstall()
     return RunResult(s.run_dir, summary)
 
 

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(recipe), end="")
         return 0
     logging.basicConfig(level=recipe.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from areal.checkpoint.session import PREEMPTED_EXIT_CODE, Preempted
     from areal.data import DataError
     from areal.loop import train
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:  # a checkpoint is committed: the same command resumes from it
+        print(str(e), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
     except KeyboardInterrupt:  # every role has been stopped by the controller
         print("interrupted", file=sys.stderr)
         return 130

@@ -43,6 +43,17 @@ class Group:
     trajectories: list[Trajectory]
     fields: dict[str, Any] = field(default_factory=dict)
     reward_failures: dict[str, int] = field(default_factory=dict)  # kind -> samples scored 0 for it
+    prompt_index: int = -1  # the prompt's row in the training data (the sample id)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able (checkpoints keep finished groups in their state)."""
+        return {"group_id": self.group_id, "trajectories": [vars(t) for t in self.trajectories],
+                "fields": self.fields, "reward_failures": self.reward_failures, "prompt_index": self.prompt_index}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Group":
+        return cls(d["group_id"], [Trajectory(**t) for t in d["trajectories"]], d["fields"], d["reward_failures"],
+                   d["prompt_index"])
 
     @property
     def rewards(self) -> list[float]:

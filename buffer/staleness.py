@@ -1,6 +1,6 @@
 """Staleness-bounded admission control: when may a new prompt start generating?
 
-Notation (see /work/shared/REFERENCE.md, "Staleness bound"):
+Notation:
     v  = the trainer's current policy version (number of completed updates)
     B  = groups (prompts) consumed per training step
     η  = max_staleness
@@ -20,8 +20,9 @@ out-of-order completion the bound is on the *amount* of off-policy data, not a h
 per-sample guarantee; the buffer's strict mode adds the hard guarantee.
 
 Rejected or filtered groups do not count as accepted, so they free budget for a
-replacement; aborted groups free their running slot. On resume nothing is held or in
-flight, so accepted is reset to v·B (as if every earlier step consumed exactly B).
+replacement; aborted groups free their running slot. On resume from a checkpoint at version v,
+every step before consumed exactly B groups, so accepted = v·B + (groups held), and the groups
+the checkpoint had in flight are running again.
 
 The controller is pure bookkeeping (one lock, no I/O, no models); it deals only in
 counts and versions. It must live in the process that decides admission.
@@ -214,15 +215,16 @@ class StalenessController:
 
     stats = state
 
-    def load_state(self, state: dict[str, Any], version: int) -> None:
-        """Resume at trainer ``version``: nothing is in flight or held any more, so
-        running = 0 and accepted = version · B. Cumulative counters are restored."""
-        if version < 0:
-            raise ValueError(f"version must be >= 0, got {version}")
+    def load_state(self, state: dict[str, Any], version: int, held: int = 0, running: int = 0) -> None:
+        """Resume at trainer ``version`` with ``held`` finished groups back in the buffer and
+        ``running`` groups generating again: accepted = version · B + held. Cumulative counters
+        are restored."""
+        if version < 0 or held < 0 or running < 0:
+            raise ValueError(f"version, held and running must be >= 0, got {version}, {held}, {running}")
         with self._cond:
             self._version = version
-            self._accepted = version * self.groups_per_step
-            self._running = 0
+            self._accepted = version * self.groups_per_step + held
+            self._running = running
             self._admitted_total = int(state.get("admitted_total", 0))
             self._accepted_total = int(state.get("accepted_total", 0))
             self._rejected_total = int(state.get("rejected_total", 0))

@@ -227,6 +227,32 @@ class TrajectoryBuffer:
             raise TimeoutError(f"timed out waiting for {what}; buffer stats: {self._stats_locked()}")
         self._cond.wait(remaining)
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def snapshot(self) -> tuple[dict[str, Any], list[Group]]:
+        """(counters, held groups in arrival order): what a checkpoint keeps of the buffer."""
+        with self._cond:
+            counters = {"put": self._put, "consumed": self._consumed, "filtered": dict(self._filtered),
+                        "put_waits": self._put_waits, "consumed_max_lag": self._consumed_max_lag}
+            return counters, [e.group for e in self._held.values()]
+
+    def restore(self, counters: dict[str, Any], groups: list[Group]) -> None:
+        """A resumed run: the checkpoint's held groups back, its counters continued. The controller
+        is told separately (`StalenessController.load_state(..., held=len(groups))`)."""
+        with self._cond:
+            if self._held or self._put:
+                raise RuntimeError("restore() into a buffer already in use")
+            for group in groups:
+                entry = _Held(self._next_seq, group, group.oldest_version, len(group.trajectories),
+                              sum(t.num_tokens for t in group.trajectories))
+                self._held[entry.seq] = entry
+                self._next_seq += 1
+                self._held_trajectories += entry.num_trajectories
+                self._held_tokens += entry.num_tokens
+            self._put, self._consumed = counters["put"], counters["consumed"]
+            self._filtered = {reason: counters["filtered"].get(reason, 0) for reason in FILTER_REASONS}
+            self._put_waits, self._consumed_max_lag = counters["put_waits"], counters["consumed_max_lag"]
+            self._cond.notify_all()
+
     # -- processes: feeder thread -------------------------------------------------------
     def feed_from(self, source: Any, poll_interval: float = 0.05) -> threading.Thread:
         """Start a daemon thread that puts every `Group` read from ``source`` (a

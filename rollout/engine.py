@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from areal import faults
+
 from areal.rollout.kv_cache import BlockPool
 from areal.rollout.model_runner import ModelRunner
 from areal.rollout.sampler import SamplingBatch, sample
@@ -227,6 +229,7 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[tuple[int, GenerationOutput]]:
         """Schedule, run one forward, sample; returns the (request_id, output) pairs finished now."""
+        faults.hit("rollout.step")
         if self._updating is not None:
             raise RuntimeError("step() during a weight update: call finish_update() first")
         t0 = time.perf_counter()

@@ -226,7 +226,8 @@ class RolloutWorker:
             for o, text, reward in zip(outputs, texts, scored.rewards)
         ]
         failures = {kind: count for kind, count in scored.failures.items() if count}
-        return Group(group_id=group_id, trajectories=trajs, fields=prompt.fields, reward_failures=failures)
+        return Group(group_id=group_id, trajectories=trajs, fields=prompt.fields, reward_failures=failures,
+                     prompt_index=prompt.index)
 
     def rollout(self, prompts: list[Prompt], group_ids: list[int]) -> tuple[list[Group], dict[str, float]]:
         """Generate n samples per prompt (all at once), score them; returns whole groups plus timings."""

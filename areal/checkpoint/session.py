@@ -1,0 +1,192 @@
+"""One run's checkpoints: when they fall due, what goes in them, and how a run comes back from one.
+
+A checkpoint at step N is a consistent cut of the whole run right after update N:
+    trainer    policy, optimizer, LR schedule, critic (LIVE tensors: copied lazily, see lazy.py)
+    rng        the trainer process's python and torch generators
+    loop       the data position and what the loop holds: sync mode the sampler; async mode also
+               the admission counters, the buffer's finished groups, and every rollout still in
+               flight or in transit (reported by the workers, areal/async_loop.py:AsyncLoop.capture)
+    drive      metrics continuity: generated tokens, the wall clock, the wandb run id
+The metrics rows up to N are on disk before the checkpoint commits, so a resumed run truncates
+metrics.jsonl to step N and appends from N + 1: no step is missing or doubled.
+
+Pre-emption: SIGTERM or SIGUSR1 asks for a checkpoint at the end of the current step; once it
+is committed the run exits with PREEMPTED_EXIT_CODE, and the same command resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from areal import faults
+from areal.checkpoint import store
+from areal.checkpoint.config import CheckpointConfig
+from areal.checkpoint.lazy import LazyCheckpointer
+
+log = logging.getLogger("areal")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again" — the rerun resumes from the committed checkpoint
+
+
+class Preempted(Exception):
+    """The run stopped on SIGTERM/SIGUSR1 after committing checkpoint `step`."""
+
+    def __init__(self, step: int, path: str | None):
+        super().__init__(f"pre-empted: checkpoint of step {step} committed at {path}; rerun the command to resume")
+        self.step, self.path = step, path
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (handlers installed from the main thread of the process that trains)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: dict = {}
+
+    def install(self) -> "PreemptionFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, lambda *_: self.event.set())
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __bool__(self) -> bool:
+        return self.event.is_set()
+
+
+def rng_state() -> dict:
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+@dataclass
+class Restored:
+    """What a resumed run continues from."""
+
+    step: int
+    path: Path
+    state: dict  # state.json: config, trainer meta, rng, loop, drive, rollout (async)
+    tensors: dict[str, torch.Tensor]
+
+
+def load_checkpoint(path: Path) -> Restored:
+    ckpt = store.load(path)
+    tensors = ckpt.tensors.get(0, {}) if isinstance(ckpt.tensors, dict) and 0 in ckpt.tensors else ckpt.tensors
+    return Restored(ckpt.step, ckpt.path, ckpt.state, dict(tensors))
+
+
+def truncate_metrics(run_dir: Path, step: int) -> list[dict]:
+    """Keep the rows of steps <= `step` (written before the checkpoint committed); return them."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if r["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.replace(path)
+    return kept
+
+
+class CheckpointSession:
+    """The run's checkpoint policy around a `LazyCheckpointer`, for the process that trains (rank 0)."""
+
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, engine, config: dict, tokenizer):
+        self.cfg, self.run_dir, self.engine, self.config, self.tokenizer = cfg, run_dir, engine, config, tokenizer
+        self.checkpointer = LazyCheckpointer(run_dir / "ckpt", keep_last=cfg.keep_last, on_busy=cfg.on_busy,
+                                             config_hash=store.config_hash(config), log=log)
+        engine.set_before_step(self._before_update)
+        self.preempt = PreemptionFlag()
+        self._last_save = time.monotonic()
+        self.committed: list[dict] = []
+        self.skipped_busy = 0
+
+    def _before_update(self) -> None:
+        faults.hit("trainer.update")
+        self.checkpointer.before_update()
+
+    def due(self, step: int, last_step: int) -> bool:
+        cfg = self.cfg
+        if step >= last_step:
+            return False  # the end of the run exports the model; a checkpoint there would only be deleted
+        by_steps = cfg.every_steps > 0 and step % cfg.every_steps == 0
+        by_time = cfg.every_seconds > 0 and time.monotonic() - self._last_save >= cfg.every_seconds
+        return by_steps or by_time
+
+    def busy(self) -> bool:
+        return self.checkpointer.busy
+
+    def skip(self, step: int) -> None:
+        """A checkpoint fell due while the previous one is still being written (checkpoint.on_busy=skip)."""
+        self.skipped_busy += 1
+        log.warning("checkpoint of step %d skipped: the previous one is still being written (%d skipped so far)",
+                    step, self.skipped_busy + self.checkpointer.skipped)
+
+    def path_of(self, step: int) -> Path:
+        return self.run_dir / "ckpt" / f"step_{step:08d}"
+
+    def export(self, out_dir: Path) -> None:
+        """The policy as a Hugging Face model folder (every rank calls it; rank 0 writes)."""
+        from areal.checkpoint.export import export_model
+
+        t0 = time.perf_counter()
+        export_model(self.engine, out_dir, self.tokenizer)
+        log.info("exported the policy to %s in %.2f s", out_dir, time.perf_counter() - t0)
+
+    def save(self, step: int, loop_state: dict, extras: list[Future] = (), *, wait: bool = False) -> bool:
+        """Start checkpoint `step` (returns at once unless `wait`); False when skipped."""
+        tensors, meta = self.engine.checkpoint_state()
+        state = {"step": step, "config": self.config, "trainer": meta, "rng": rng_state(), **loop_state}
+        self._last_save = time.monotonic()
+        return self.checkpointer.save(step, tensors, state, extras=list(extras), wait=wait)
+
+    def metrics(self) -> dict:
+        """ckpt/* metrics of the checkpoints finished since the last call (for the step's row)."""
+        out: dict = {}
+        for r in self.checkpointer.records():
+            if r.ok:
+                self.committed.append({"step": r.step, "bytes": r.bytes, "blocked_s": r.blocked_s,
+                                       "snapshot_s": r.snapshot_s, "persist_s": r.persist_s})
+            out.update({"ckpt/step": r.step, "ckpt/ok": float(r.ok), "ckpt/bytes": r.bytes,
+                        "ckpt/blocked_s": r.blocked_s, "ckpt/snapshot_s": r.snapshot_s, "ckpt/persist_s": r.persist_s})
+        out["ckpt/skipped"] = self.checkpointer.skipped + self.skipped_busy
+        out["ckpt/failures"] = self.checkpointer.failures
+        return out
+
+    def summary(self) -> dict:
+        c = self.committed
+        return {
+            "checkpoints": len(c),
+            "checkpoint_skipped": self.checkpointer.skipped + self.skipped_busy,
+            "checkpoint_failures": self.checkpointer.failures,
+            "checkpoint_blocked_s_max": max((r["blocked_s"] for r in c), default=0.0),
+            "checkpoint_persist_s_mean": sum(r["persist_s"] for r in c) / len(c) if c else 0.0,
+            "checkpoint_bytes": c[-1]["bytes"] if c else 0,
+        }
+
+    def restore_trainer(self, restored: Restored) -> None:
+        self.engine.load_checkpoint_state(restored.tensors, restored.state["trainer"])
+        set_rng_state(restored.state["rng"])
+
+    def close(self) -> None:
+        self.checkpointer.wait()
+        self.checkpointer.close()

@@ -1,0 +1,209 @@
+"""Crash anywhere, rerun the same command, lose nothing: real processes killed with SIGKILL at
+seeded points, pre-empted with SIGTERM, failing to write, or resuming a corrupt checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from areal.checkpoint.resume import changed_keys, place_run
+from areal.config import ConfigError, build, to_dict
+from areal.metrics import read_metrics
+from areal.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+SMALL = [
+    f"trainer.steps={STEPS}", "trainer.batch_size=4", "rollout.group_size=4", "data.eval_size=16", "run.eval_every=4",
+    "logging.wandb.mode=disabled", "logging.progress_bar=false", "run.num_threads=1", "trainer.lr=1e-4",
+    "checkpoint.every_steps=2", "checkpoint.on_busy=wait", "rollout.max_new_tokens=6",
+]
+MODES = {
+    "sync": ["run.mode=sync"],
+    "eta0": ["run.mode=async", "rollout.max_staleness=0"],  # deterministic: equal to the sync loop
+    "eta1": ["run.mode=async", "rollout.max_staleness=1"],
+}
+
+
+def areal_train(run_dir: Path, *extra: str, fault: str | None = None, timeout: float = 240):
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("AREAL_FAULT", None)
+    if fault:
+        env["AREAL_FAULT"] = fault
+    cmd = [sys.executable, "-m", "areal.train", "recipe=recipes/math.yaml", *SMALL, f"run.run_dir={run_dir}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl")
+
+
+def consumed(run_dir: Path) -> list[int]:
+    return [g for r in rows(run_dir)[1:] for g in r["data/group_ids"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per mode, computed once."""
+    out = {}
+    for mode in ("sync", "eta0"):
+        run_dir = tmp_path_factory.mktemp("ref") / mode
+        done = areal_train(run_dir, *MODES[mode])
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[mode] = run_dir
+    return out
+
+
+def _assert_finished_whole(run_dir: Path, mode: str, reference: dict | None) -> dict:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = rows(run_dir)
+    assert [r["step"] for r in records] == list(range(STEPS + 1)), "a metrics row is missing or doubled"
+    ids = consumed(run_dir)
+    assert len(ids) == len(set(ids)) == STEPS * 4, "a group was trained twice or a step took too few"
+    if mode in ("sync", "eta0"):  # deterministic: the resumed run is the uninterrupted run, step for step
+        ref = rows(reference[mode])
+        assert ids == consumed(reference[mode])
+        for key in ("train/loss", "reward/mean", "train/grad_norm", "rollout/response_length"):
+            assert [r[key] for r in records[1:]] == pytest.approx([r[key] for r in ref[1:]], rel=1e-4, abs=1e-6), key
+        assert summary["eval_accuracy_final"] == json.loads((reference[mode] / "summary.json").read_text())[
+            "eval_accuracy_final"]
+    else:  # eta > 0: timing decides which groups a step takes, never that one is lost
+        holes = set(range(max(ids))) - set(ids)
+        assert all(h >= max(ids) - 2 * 2 * 4 for h in holes), f"groups lost: {sorted(holes)}"
+    assert (run_dir / "model" / "config.json").is_file()
+    return summary
+
+
+# (mode, fault point, range of hit counts a seeded draw picks from): generation, the update, the
+# snapshot copy, the persist, a write, and between the rename and the `latest` swap; trainer and worker.
+CRASHES = [
+    ("sync", "trainer.update", (9, 26)),
+    ("sync", "rollout.step", (20, 60)),
+    ("sync", "ckpt.copy", (2, 3)),
+    ("sync", "ckpt.rename", (2, 3)),
+    ("eta0", "rollout.step", (20, 60)),
+    ("eta0", "trainer.update", (9, 26)),
+    ("eta0", "ckpt.copy", (1, 3)),
+    ("eta0", "ckpt.persist", (2, 3)),
+    ("eta0", "ckpt.write", (3, 7)),
+    ("eta0", "ckpt.rename", (1, 3)),
+    ("eta1", "rollout.step", (20, 60)),
+    ("eta1", "ckpt.persist", (1, 3)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", range(len(CRASHES)), ids=[f"{m}-{p}" for m, p, _ in CRASHES])
+def test_kill_9_anywhere_then_rerun_finishes_with_nothing_lost(tmp_path, reference, case):
+    mode, point, (low, high) = CRASHES[case]
+    hit = random.Random(1000 + case).randint(low, high)
+    run_dir = tmp_path / "run"
+    crashed = areal_train(run_dir, *MODES[mode], fault=f"{point}@{hit}:kill")
+    assert crashed.returncode != 0, f"the fault {point}@{hit} never fired:\n{crashed.stderr[-2000:]}"
+    assert not (run_dir / "summary.json").exists()
+    resumed = areal_train(run_dir, *MODES[mode])  # the same command
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = _assert_finished_whole(run_dir, mode, reference)
+    print(f"{mode} {point}@{hit}: resumed from step {summary['resumed_from_step']}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "eta0"])
+def test_sigterm_commits_a_checkpoint_exits_75_and_the_rerun_resumes_from_it(tmp_path, reference, mode):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("AREAL_FAULT", None)
+    cmd = [sys.executable, "-m", "areal.train", "recipe=recipes/math.yaml", *SMALL, f"run.run_dir={run_dir}",
+           *MODES[mode], "checkpoint.every_steps=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # wait for step 3's row, then pre-empt
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r["step"] >= 3 for r in read_metrics(metrics)):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "pre-empted: checkpoint of step" in err
+    committed = sorted(p.name for p in (run_dir / "ckpt").iterdir() if p.name.startswith("step_") and "tmp" not in p.name)
+    assert len(committed) == 1
+    step = int(committed[0].split("_")[1])
+    resumed = areal_train(run_dir, *MODES[mode], "checkpoint.every_steps=0")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = _assert_finished_whole(run_dir, mode, reference)
+    assert summary["resumed_from_step"] == step
+
+
+@pytest.mark.slow
+def test_a_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    done = areal_train(run_dir, "run.mode=sync", fault="ckpt.write@3:enospc")  # the second checkpoint's first write
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["checkpoint_failures"] == 1 and summary["checkpoints"] == 2  # steps 2 and 6 (4 failed)
+    assert "No space left on device" in done.stderr
+    assert [r["step"] for r in rows(run_dir)] == list(range(STEPS + 1))
+    from areal.checkpoint import store
+
+    found, skipped = store.find_latest(run_dir / "ckpt")
+    assert found is not None and found.name == "step_00000006" and not skipped
+    assert not list((run_dir / "ckpt").glob("*.tmp"))
+    failed = [r for r in rows(run_dir) if r.get("ckpt/ok") == 0.0]
+    assert [r["ckpt/step"] for r in failed] == [4]
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_skipped_by_name_and_the_older_one_resumes(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    crashed = areal_train(run_dir, "run.mode=sync", fault="trainer.update@27:kill")  # in step 7, after ckpt 6
+    assert crashed.returncode != 0
+    newest = run_dir / "ckpt" / "step_00000006"
+    shard = next(newest.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    resumed = areal_train(run_dir, "run.mode=sync")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert shard.name in resumed.stderr and "step_00000006" in resumed.stderr
+    summary = _assert_finished_whole(run_dir, "sync", reference)
+    assert summary["resumed_from_step"] == 4
+
+
+@pytest.mark.slow
+def test_a_changed_recipe_fails_before_any_work_and_names_the_keys(tmp_path):
+    run_dir = tmp_path / "run"
+    crashed = areal_train(run_dir, "run.mode=sync", fault="trainer.update@13:kill")
+    assert crashed.returncode != 0
+    changed = areal_train(run_dir, "run.mode=sync", "rollout.group_size=8", "trainer.lr=2e-4")
+    assert changed.returncode == 2
+    assert "rollout.group_size" in changed.stderr and "trainer.lr" in changed.stderr
+    assert "Traceback" not in changed.stderr
+
+
+def test_mutable_keys_may_change_and_others_are_listed():
+    a = to_dict(build(Recipe, "recipes/math.yaml"))
+    b = to_dict(build(Recipe, "recipes/math.yaml", ["trainer.steps=999", "logging.console_every=1", "run.eval_every=7",
+                                                    "checkpoint.every_steps=3", "rollout.num_workers=2"]))
+    assert changed_keys(a, b) == []
+    c = to_dict(build(Recipe, "recipes/math.yaml", ["rollout.max_staleness=3", "model.path=elsewhere"]))
+    assert changed_keys(a, c) == ["model.path", "rollout.max_staleness"]
+
+
+def test_resume_must_without_a_checkpoint_fails_clearly(tmp_path):
+    cfg = to_dict(build(Recipe, "recipes/math.yaml"))
+    with pytest.raises(ConfigError, match="checkpoint.resume=must"):
+        place_run(cfg, str(tmp_path / "nothing"), "recipes/math.yaml", "must")
+    (tmp_path / "started").mkdir()
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        place_run(cfg, str(tmp_path / "started"), "recipes/math.yaml", "must")
+    fresh = place_run(cfg, str(tmp_path / "started"), "recipes/math.yaml", "auto")
+    assert fresh.checkpoint is None and fresh.run_dir == tmp_path / "started"
