@@ -7,6 +7,12 @@ Both backends expose the same small surface to the engine:
     step() -> grad norm    clip, optimizer step, scheduler step, zero grads
     full_weights()    (name, full tensor) pairs, gathered when ZeRO-3 partitions them
     lr                current learning rate
+    before_step       None or a callable run right before the optimizer changes parameters or
+                      optimizer state (a lazy checkpoint finishes copying the live tensors there)
+    checkpoint_state(prefix) / load_checkpoint_state(tensors, meta, prefix)
+                      this rank's resumable state: LIVE tensors under "<prefix>model/<param name>"
+                      and "<prefix>optim/...", plus a JSON-able meta dict (optimizer skeleton, LR
+                      schedule, DeepSpeed counters)
 
 * `torch`: one process; with an initialised process group of several ranks the model is
   wrapped in DistributedDataParallel (gloo on CPU). No extra dependency.
@@ -24,9 +30,11 @@ import contextlib
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from areal.trainer.config import TrainerConfig
 
@@ -76,7 +84,41 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _load_params(named, tensors: dict[str, Tensor], prefix: str) -> None:
+    """Copy "<prefix>model/<name>" into the tensor of every (name, tensor) of `named`; shapes must match."""
+    missing = [f"{prefix}model/{name}" for name, _ in named if f"{prefix}model/{name}" not in tensors]
+    if missing:
+        raise KeyError(f"checkpoint lacks {len(missing)} parameter(s), e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, p in named:
+            dst, src = p, tensors[f"{prefix}model/{name}"]
+            if dst.shape != src.shape:
+                raise ValueError(f"{prefix}model/{name}: checkpoint shape {tuple(src.shape)}, "
+                                 f"engine {tuple(dst.shape)}")
+            dst.copy_(src)
+
+
+def _owned(obj):
+    """The nested state with every tensor cloned: torch's Optimizer.load_state_dict keeps (does not copy) state
+    tensors that already have the parameter's dtype and device, and the caller's tensors must not alias ours."""
+    if isinstance(obj, Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _owned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_owned(v) for v in obj)
+    return obj
+
+
+def _flat_scheduler(scheduler, prefix: str):
+    from areal.checkpoint.store import flatten_state
+
+    return flatten_state(scheduler.state_dict(), f"{prefix}sched")
+
+
 class TorchBackend:
+    before_step: Callable[[], None] | None = None
+
     def __init__(self, module: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None):
         self.cfg = cfg
         self.inner = module
@@ -94,6 +136,8 @@ class TorchBackend:
         loss.backward()
 
     def step(self) -> float:
+        if self.before_step is not None:
+            self.before_step()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), clip)
         self.optimizer.step()
@@ -108,6 +152,24 @@ class TorchBackend:
     def full_weights(self):
         for name, p in self.inner.named_parameters():
             yield name, p.detach()
+
+    def checkpoint_state(self, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
+        """Parameters, AdamW state and LR schedule: the full state (under DDP every rank holds the same)."""
+        from areal.checkpoint.store import flatten_state
+
+        tensors = {f"{prefix}model/{name}": p.detach() for name, p in self.inner.named_parameters()}
+        optim, optim_skeleton = flatten_state(self.optimizer.state_dict(), f"{prefix}optim")
+        sched, sched_skeleton = _flat_scheduler(self.scheduler, prefix)
+        tensors.update(optim)
+        tensors.update(sched)
+        return tensors, {"optimizer": optim_skeleton, "scheduler": sched_skeleton}
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "") -> None:
+        from areal.checkpoint.store import unflatten_state
+
+        _load_params(list(self.inner.named_parameters()), tensors, prefix)
+        self.optimizer.load_state_dict(_owned(unflatten_state(meta["optimizer"], tensors)))
+        self.scheduler.load_state_dict(unflatten_state(meta["scheduler"], tensors))
 
 
 def _quiet_deepspeed_ops() -> None:
@@ -137,7 +199,26 @@ def deepspeed_config(cfg: TrainerConfig, dtype: torch.dtype) -> dict:
     }
 
 
+# DeepSpeed engine counters that a DeepSpeed checkpoint restores too
+_DS_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
 class DeepSpeedBackend:
+    """Checkpoint state per ZeRO stage (deepspeed 0.19; see checkpoint_state):
+        0   the whole state, the same on every rank: fp32 steps the torch AdamW itself; bf16 wraps it in
+            FP16_UnfusedOptimizer (AdamW state + fp32 master copies of the parameters)
+        1/2 DeepSpeedZeroOptimizer.state_dict(): base_optimizer_state (the torch AdamW state of this rank's
+            flat fp32 partition), single_partition_of_fp32_groups (the fp32 master partition), paddings, ...
+            Parameters: the module's (full, replicated) bit16 params.
+        3   DeepSpeedZeroOptimizer_Stage3.state_dict(): optimizer_state_dict and fp32_flat_groups of this
+            rank's partition. Parameters: each param's own partition (`ds_tensor`, flat).
+    Restored with optimizer.load_state_dict(state_dict_list=[sd] * world, load_from_fp32_weights=True): the
+    rigid (non-elastic, the default) path reads only this rank's entry and copies its fp32 partition as saved
+    (not re-derived from the bit16 params), so resume is exact, but only on the same world size and rank.
+    """
+
+    before_step: Callable[[], None] | None = None
+
     def __init__(self, module: torch.nn.Module, cfg: TrainerConfig):
         _quiet_deepspeed_ops()
         import deepspeed
@@ -167,6 +248,10 @@ class DeepSpeedBackend:
             self.engine.step()  # a no-op off the boundary; keeps DeepSpeed's micro-step count right
 
     def step(self) -> float:
+        # only this boundary step() changes parameters: off the boundary (backward above) DeepSpeedEngine.step
+        # skips _take_model_step, i.e. the optimizer, for every ZeRO stage
+        if self.before_step is not None:
+            self.before_step()
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
@@ -184,6 +269,80 @@ class DeepSpeedBackend:
         else:
             for name, p in params:
                 yield name, p.detach()
+
+    # ---- resumable state -------------------------------------------------------------------
+    def _sharded(self) -> bool:
+        """ZeRO 1-3 (and BF16_Optimizer): per-rank state, loaded with load_state_dict(state_dict_list=...).
+        Stage 0 steps the torch AdamW itself (fp32) or wraps it whole (FP16_UnfusedOptimizer, bf16)."""
+        import inspect
+
+        return "state_dict_list" in inspect.signature(self.engine.optimizer.load_state_dict).parameters
+
+    def _params(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor to save/restore): the param, or its own flat partition under ZeRO-3."""
+        if self.cfg.zero_stage == 3:
+            return [(name, p.ds_tensor) for name, p in self.inner.named_parameters()]
+        return list(self.inner.named_parameters())
+
+    def checkpoint_state(self, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
+        from areal.checkpoint.store import CheckpointError, flatten_state
+
+        rank, size = world()
+        tensors = {f"{prefix}model/{name}": t.detach() for name, t in self._params()}
+        sd = self.engine.optimizer.state_dict()
+        dropped = []
+        if not isinstance(self.engine.optimizer, torch.optim.Optimizer):
+            # objects, not state: the loss scaler (static without fp16: the current one is reused) and
+            # DeepSpeed's name -> fragment maps for universal checkpoints (rebuilt at construction)
+            kept = {}
+            for key, value in sd.items():
+                try:
+                    flatten_state(value, key)
+                    kept[key] = value
+                except CheckpointError:
+                    dropped.append(key)
+            sd = kept
+        optim, optim_skeleton = flatten_state(sd, f"{prefix}optim")
+        sched, sched_skeleton = _flat_scheduler(self.scheduler, prefix)
+        tensors.update(optim)
+        tensors.update(sched)
+        meta = {"optimizer": optim_skeleton, "scheduler": sched_skeleton, "dropped": dropped,
+                "zero_stage": self.cfg.zero_stage, "world_size": size, "rank": rank,
+                "engine": {k: int(getattr(self.engine, k)) for k in _DS_COUNTERS}}
+        if self.cfg.zero_stage == 3:
+            meta["param_shapes"] = {name: list(p.ds_shape) for name, p in self.inner.named_parameters()}
+        return tensors, meta
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "") -> None:
+        from areal.checkpoint.store import unflatten_state
+
+        rank, size = world()
+        if meta.get("zero_stage") != self.cfg.zero_stage:
+            raise ValueError(f"checkpoint is of ZeRO stage {meta.get('zero_stage')}, the engine runs stage "
+                             f"{self.cfg.zero_stage}")
+        sharded = self._sharded()
+        if sharded and (meta["world_size"], meta["rank"]) != (size, rank):
+            raise ValueError(f"ZeRO checkpoint shard of rank {meta['rank']}/{meta['world_size']} cannot be loaded "
+                             f"on rank {rank}/{size}: ZeRO state is partitioned by rank; resume on the same world "
+                             "size, each rank from its own shard")
+        optimizer = self.engine.optimizer
+        zero3 = self.cfg.zero_stage == 3
+        if zero3:
+            optimizer.checkpoint_event_prologue()  # partition every parameter (as DeepSpeed's load_checkpoint)
+        _load_params(self._params(), tensors, prefix)
+        sd = _owned(unflatten_state(meta["optimizer"], tensors))
+        if sharded:
+            if hasattr(optimizer, "loss_scaler"):
+                sd["loss_scaler"] = optimizer.loss_scaler  # stage 3 requires the key
+            optimizer.load_state_dict(state_dict_list=[sd] * size, load_optimizer_states=True,
+                                      load_from_fp32_weights=True)
+        else:
+            optimizer.load_state_dict(sd)
+        if zero3:
+            optimizer.checkpoint_event_epilogue()  # re-gather the persistent (small) parameters
+        self.scheduler.load_state_dict(unflatten_state(meta["scheduler"], tensors))
+        for key, value in meta["engine"].items():
+            setattr(self.engine, key, value)
 
 
 def make_backend(module: torch.nn.Module, cfg: TrainerConfig):

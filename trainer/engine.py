@@ -11,13 +11,17 @@ hidden states through the chunked kernel, so [tokens x vocab] logits never exist
 Optional parts, built only when configured: a frozen reference policy (kl_coef != 0: a
 deepcopy of the policy at construction, i.e. the initial weights, in eval mode) and a
 critic (advantage=ppo_gae, trainer/critic.py).
+
+Resumable state (checkpoint_state / load_checkpoint_state): this rank's LIVE tensors under flat
+names plus a JSON-able meta dict; set_before_step installs the hook a lazy checkpointer needs
+(it runs right before any optimizer step changes those tensors).
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -34,6 +38,12 @@ from areal.trainer.packing import (MicroBatch, make_microbatches, register_varle
                                   split_balanced)
 
 ENGINE_SIDE_ADVANTAGES = ("reinforce_pp", "ppo_gae")
+STATE_FORMAT = "areal-train-state/1"
+_POLICY_PARAMS = "model/policy."  # PolicyLogprobs names the HF model's parameters "policy.<name>"
+
+
+def _renamed(tensors: dict[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
+    return {new + k[len(old):] if k.startswith(old) else k: v for k, v in tensors.items()}
 
 
 class PolicyLogprobs(nn.Module):
@@ -115,10 +125,14 @@ class TrainEngine:
                                  self.cfg.max_tokens_per_microbatch, packed=self.cfg.packing, group_index=groups)
 
     def _per_target(self, batch: TrainBatch, rows: Tensor, fn) -> Tensor:
-        """[S, T-1] tensor of fn(micro-batch) -> flat values, for `rows` (zero elsewhere)."""
+        """[S, T-1] tensor of fn(micro-batch) -> flat values, for `rows` (zero elsewhere). Every rank runs the
+        same number of forwards (zero-weight repeats pad the short ones): a ZeRO-3 forward all-gathers each
+        partitioned parameter, a collective every rank must join."""
         out = torch.zeros(batch.labels.shape, device=self.device)
-        for mb in self._microbatches(batch, rows):
-            out = out.index_put((mb.target_row, mb.target_col), fn(mb).float())
+        for mb, counts in self._equalised(self._microbatches(batch, rows), batch):
+            values = fn(mb).float()
+            if counts:
+                out = out.index_put((mb.target_row, mb.target_col), values)
         return out
 
     def token_logprobs(self, batch: TrainBatch) -> tuple[Tensor, Tensor]:
@@ -318,6 +332,49 @@ class TrainEngine:
                 losses.append(float(loss.detach()) / self.world_size)
             self.critic_backend.step()
         return {"train/value_loss": sum(losses) / max(self.cfg.minibatches, 1)}
+
+    # ---- resumable state ------------------------------------------------------------------
+    def set_before_step(self, fn: Callable[[], None] | None) -> None:
+        """Run `fn` right before every optimizer step of the policy and of the critic (None removes it)."""
+        self.backend.before_step = fn
+        if self.critic_backend is not None:
+            self.critic_backend.before_step = fn
+
+    def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
+        """LIVE references (no copies) to this rank's tensors an exact resume needs, keyed by flat names:
+            model/<name>           policy parameters (HF names; under ZeRO-3 this rank's flat partition)
+            optim/...              the policy optimizer's state_dict (ZeRO: this rank's partition, fp32 master)
+            sched/...              LR schedule tensors, if any
+            critic/model/<name>, critic/optim/..., critic/sched/...   with a critic
+        plus a JSON-able meta dict: format, version, backend, zero_stage, world_size, rank, and per model the
+        optimizer and scheduler skeletons (store.flatten_state) and DeepSpeed's step counters. Valid until the
+        next optimizer step (see set_before_step). Every rank returns its own state; under the torch backend
+        (one process or DDP) that is the full state, the same on every rank."""
+        tensors, policy = self.backend.checkpoint_state()
+        tensors = _renamed(tensors, _POLICY_PARAMS, "model/")
+        meta = {"format": STATE_FORMAT, "version": self.version, "backend": self.cfg.backend,
+                "zero_stage": self.cfg.zero_stage if self.cfg.backend == "deepspeed" else None,
+                "world_size": self.world_size, "rank": self.rank, "policy": policy, "critic": None}
+        if self.critic_backend is not None:
+            critic_tensors, meta["critic"] = self.critic_backend.checkpoint_state("critic/")
+            tensors.update(critic_tensors)
+        return tensors, meta
+
+    def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict) -> None:
+        """Restore checkpoint_state() into an engine built from the same recipe (the frozen KL reference stays
+        the initial weights). Tensors are copied, so the caller's dict stays untouched. The torch backend's state
+        loads on any world size; a ZeRO (stage >= 1) shard only on the rank (and world size) that saved it."""
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a train-engine state: format {meta.get('format')!r}, expected {STATE_FORMAT!r}")
+        if meta["backend"] != self.cfg.backend:
+            raise ValueError(f"checkpoint was made by the {meta['backend']!r} backend, this engine uses "
+                             f"{self.cfg.backend!r}")
+        if (meta["critic"] is None) != (self.critic_backend is None):
+            raise ValueError("checkpoint and engine disagree on having a critic (trainer.advantage)")
+        self.backend.load_checkpoint_state(_renamed(tensors, "model/", _POLICY_PARAMS), meta["policy"])
+        if self.critic_backend is not None:
+            self.critic_backend.load_checkpoint_state(tensors, meta["critic"], "critic/")
+        self.version = int(meta["version"])
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
         """What rollout workers receive after each step (detached, same names as the HF model)."""
