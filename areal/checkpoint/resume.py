@@ -18,6 +18,7 @@ experiments, so it fails before any work and lists the keys.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ def _candidate(run_dir: Path, config: dict) -> tuple[Path | None, str]:
         log.warning("checkpoint %s skipped: %s", path, reason)
     if found is None:
         return None, "no complete checkpoint"
-    saved = store.load(found, verify=False).state.get("config", {})
+    saved = json.loads((found / store.STATE).read_text()).get("config", {})  # verified by find_latest
     bad = changed_keys(saved, config)
     if bad:
         return None, "recipe differs in " + ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(config).get(k)!r})"
