@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import random
 import time
@@ -20,6 +21,19 @@ def set_threads(num_threads: int) -> int:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's python and torch CPU generators, JSON-able (checkpoints keep every process's)."""
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss],
+            "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
 
 
 def pick_device(name: str) -> torch.device:

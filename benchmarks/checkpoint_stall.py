@@ -14,7 +14,8 @@ is the trainer's own. For each subject, in one process:
   The synchronous baselines are not fsynced (that would only make them slower); areal's write is.
 * training step time with no checkpoint and with an areal checkpoint every step
   (`on_busy=skip`: one falling due while the previous is still being written is skipped; the
-  count is printed), in alternating blocks so drift hits both alike.
+  count is printed), in alternating pairs of blocks so the machine's drift hits both alike; the
+  overhead is the median over the pairs.
 One torch thread for training (the 2-core machine): the background copy and write get the other.
 Last line: one JSON object with `stall_ratio_vs_sync` (best synchronous stall / areal stall),
 `stall_ratio_vs_dcp_async` and `step_overhead_fraction` (extra step time at one checkpoint per
@@ -92,19 +93,24 @@ def measure(name: str, blocks: int, steps_per_block: int, repeats: int, workdir:
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     lazy = LazyCheckpointer(workdir / "areal", keep_last=1, on_busy="skip")
-    plain, with_ckpt = [], []
+    plain, with_ckpt, overheads = [], [], []
     step = 0
-    for _ in range(blocks):  # alternate: no checkpoint, then a checkpoint every step
+    for _ in range(blocks):  # pairs of blocks: no checkpoint, then a checkpoint every step
+        lazy.wait()  # the previous block's write must not slow this one's baseline
         engine.set_before_step(None)
-        plain += [timed(lambda: engine.train_step(batch)) for _ in range(steps_per_block)]
+        a = [timed(lambda: engine.train_step(batch)) for _ in range(steps_per_block)]
         engine.set_before_step(lazy.before_update)
+        b = []
         for _ in range(steps_per_block):
             step += 1
             t0 = time.perf_counter()
             live, meta = engine.checkpoint_state()
             lazy.save(step, live, {"trainer": meta})
             engine.train_step(batch)
-            with_ckpt.append(time.perf_counter() - t0)
+            b.append(time.perf_counter() - t0)
+        plain += a
+        with_ckpt += b
+        overheads.append(sum(b) / sum(a) - 1)
     engine.set_before_step(None)
     lazy.wait()
     records = [r for r in lazy.records() if r.ok]
@@ -130,7 +136,12 @@ def measure(name: str, blocks: int, steps_per_block: int, repeats: int, workdir:
 
     def safetensors_save():
         flat, skeleton = store.flatten_state(state_dicts(), "")
-        save_file({k: v.contiguous() for k, v in flat.items()}, str(workdir / "st.safetensors"))
+        seen, unique = set(), {}
+        for k, v in flat.items():  # tied weights once, as safetensors' save_model does
+            if v.data_ptr() not in seen:
+                seen.add(v.data_ptr())
+                unique[k] = v.contiguous()
+        save_file(unique, str(workdir / "st.safetensors"))
         (workdir / "st.json").write_text(json.dumps(skeleton))
 
     sync = {"torch.save": [timed(torch_save) for _ in range(repeats)],
@@ -140,7 +151,7 @@ def measure(name: str, blocks: int, steps_per_block: int, repeats: int, workdir:
     areal_stall = statistics.median(r.blocked_s for r in spaced_records)
     best_sync = min(statistics.median(v) for v in sync.values())
     dcp_stall = statistics.median(dcp) if dcp else math.nan
-    overhead = statistics.median(with_ckpt) / statistics.median(plain) - 1
+    overhead = statistics.median(overheads)  # paired blocks: robust to the machine's drift
     return {
         "model": name, "params_m": round(params / 1e6, 2), "checkpoint_mb": round(nbytes / 2**20, 1),
         "stall_s": {"areal": areal_stall, **{k: statistics.median(v) for k, v in sync.items()}, "dcp_async": dcp_stall},
@@ -180,7 +191,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the shipped model only")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    subjects = [("tiny-math", 4, 10, 5)] + ([] if args.quick else [("qwen2-100m", 3, 3, 3)])
+    subjects = [("tiny-math", 20, 5, 5)] + ([] if args.quick else [("qwen2-100m", 7, 2, 3)])
     results = []
     for name, blocks, steps, repeats in subjects:
         workdir = Path(tempfile.mkdtemp(prefix=f"areal-ckpt-bench-{name}-"))

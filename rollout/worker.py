@@ -13,7 +13,6 @@ stopping anything; `ResumeGroups` hands such groups to a fresh worker, which con
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import queue
 import time
@@ -148,23 +147,22 @@ class _Running:
 
 
 def rng_state(backend) -> dict:
-    """The RNG state a worker's generation draws on, JSON-able: torch's CPU generator and (the
+    """The RNG state a worker's generation draws on, JSON-able: the process's generators and (the
     engine's) the python Random that seeds unseeded requests."""
-    import torch
+    from areal.runtime import rng_state as process_rng_state
 
-    state: dict = {"torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode("ascii")}
+    state = process_rng_state()
     if hasattr(backend, "get_rng_state"):
-        state["python"] = backend.get_rng_state()
+        state["engine"] = backend.get_rng_state()
     return state
 
 
 def set_rng_state(backend, state: dict) -> None:
-    import torch
+    from areal.runtime import set_rng_state as set_process_rng_state
 
-    if "torch_cpu" in state:
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
-    if "python" in state and hasattr(backend, "set_rng_state"):
-        backend.set_rng_state(state["python"])
+    set_process_rng_state(state)
+    if "engine" in state and hasattr(backend, "set_rng_state"):
+        backend.set_rng_state(state["engine"])
 
 
 def reward_fields(row: dict[str, Any], prompt_key: str, answer_key: str) -> dict[str, Any]:

@@ -50,11 +50,11 @@ def test_host_buffers_are_reused(tmp_path):
     ckpt = LazyCheckpointer(tmp_path, keep_last=1)
     ckpt.save(1, live, {})
     ckpt.wait()
-    ptrs = {k: b.data_ptr() for k, b in ckpt._buffers.items()}
+    ptrs = {k: b.data_ptr() for k, b in ckpt._views.items()}
     live["p0"].mul_(2)
     ckpt.save(2, live, {})
     ckpt.wait()
-    assert {k: b.data_ptr() for k, b in ckpt._buffers.items()} == ptrs
+    assert {k: b.data_ptr() for k, b in ckpt._views.items()} == ptrs
     assert torch.equal(saved_tensors(tmp_path / "step_00000002")["p0"], live["p0"])
     assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000002"]  # keep_last=1
     assert all(r.ok for r in ckpt.records())

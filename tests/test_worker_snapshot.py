@@ -160,7 +160,7 @@ def test_snapshot_mid_generation_then_resume_on_a_fresh_worker(model, pool, toke
     kinds = {("finished" if g.finished else "") + ("+tokens" if any(p.token_ids for p in g.partial) else "")
              for g in snapshot.groups}
     assert {"finished+tokens", "+tokens", ""} <= kinds  # half-finished, all generating, leader not yet forked
-    assert set(snapshot.rng_state) == {"python", "torch_cpu"}
+    assert set(snapshot.rng_state) == {"python", "torch_cpu", "engine"}
     # the snapshot disturbed nothing: the first worker still ships every group, as if uninterrupted
     assert_same_groups({**before, **after}, reference)
 
@@ -171,7 +171,7 @@ def test_snapshot_mid_generation_then_resume_on_a_fresh_worker(model, pool, toke
     assert json_round_trip(SnapshotRequest(step=7)) == SnapshotRequest(step=7)
     second = serve(resumed, ScriptedInbox([message, None]))
     assert_same_groups({**before, **groups_of(second)}, reference)
-    assert resumed.backend.get_rng_state() == snapshot.rng_state["python"]  # restored (seeded groups draw none)
+    assert resumed.backend.get_rng_state() == snapshot.rng_state["engine"]  # restored (seeded groups draw none)
 
 
 class Update:
@@ -227,7 +227,7 @@ def test_pending_group_waiting_for_weights_is_snapshotted_and_restarts_whole(mod
     snapshot, shipped = json_round_trip(messages[0][1]), groups_of(messages)
     assert snapshot.groups == [InFlightGroup(9, 1, prompts[0], [], [])]
     if backend == "hf":
-        assert set(snapshot.rng_state) == {"torch_cpu"}
+        assert set(snapshot.rng_state) == {"python", "torch_cpu"}
         # the static-batch backend has no partial state: a resumed group restarts whole, whatever it carries
         snapshot.groups[0].finished = [GenerationOutput(0, [7], [-1.0], [0], "length", 0)]
         snapshot.groups[0].partial = [PartialSample(1, [7], [-1.0], [0])]

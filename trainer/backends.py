@@ -64,6 +64,13 @@ def init_process_group(port: int | None = None) -> None:
     """A gloo group on loopback: world size / rank from the env (torchrun), else 1 / 0."""
     if dist.is_initialized():
         return
+    if port is None and "MASTER_PORT" not in os.environ and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        # alone: a file store, no port to race other processes for between picking and binding it
+        import tempfile
+
+        store = dist.FileStore(os.path.join(tempfile.mkdtemp(prefix="areal-pg-"), "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if port is None and "MASTER_PORT" not in os.environ:

@@ -10,8 +10,9 @@ checkpoint N is copied to host memory while step N+1 waits for its batch, runs f
 The trainer blocks (CheckpointRecord.blocked_s) only in before_update while the copy is unfinished, and in
 save() when it must wait for the previous checkpoint (on_busy='wait', or wait=True for pre-emption).
 
-Host buffers: one per tensor name, reallocated only when its shape or dtype changes and reused by every
-checkpoint (pinned when the source is on a GPU). The next copy overwrites them, so at most one checkpoint is in
+Host buffer: one flat byte buffer laid out as the shard file (store.FlatShard), reallocated only when a
+tensor's name, shape or dtype changes and reused by every checkpoint (pinned when the sources are on a GPU);
+the CPU copy into it is one call, and it is written in a few large writes. The next copy overwrites them, so at most one checkpoint is in
 flight: a save that finds the previous one still being written is skipped (on_busy='skip', logged and counted)
 or waits for it (on_busy='wait').
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import os
 import shutil
 import threading
 import time
@@ -39,6 +41,14 @@ import torch
 
 from areal import faults
 from areal.checkpoint import store
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (Linux: per thread). Writing a checkpoint is background work."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run at the same priority
+        pass
 
 
 @dataclass
@@ -63,7 +73,8 @@ class LazyCheckpointer:
         self.rank, self.world_size, self.config_hash = rank, world_size, config_hash
         self.extras_timeout_s = extras_timeout_s
         self.log = log or logging.getLogger(__name__)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._host: store.FlatShard | None = None  # reused by every checkpoint while the tensors keep their shapes
+        self._views: dict[str, torch.Tensor] = {}
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._copied = threading.Event()  # set when the pending host copy is finished (CUDA: issued)
         self._copied.set()
@@ -150,7 +161,7 @@ class LazyCheckpointer:
     def close(self) -> None:
         self.wait()
         self._closed = True
-        self._buffers.clear()
+        self._host, self._views = None, {}
 
     # ------------------------------------------------------------ background thread
 
@@ -168,6 +179,7 @@ class LazyCheckpointer:
             if event is not None:
                 event.synchronize()
             record.snapshot_s = time.perf_counter() - t0
+            _yield_cpu()  # the snapshot is taken: the write may wait for the trainer, never the reverse
             for future in extras:
                 state.update(future.result(timeout=self.extras_timeout_s))
             persist_t0 = time.perf_counter()
@@ -196,27 +208,35 @@ class LazyCheckpointer:
             with self._lock:
                 self._done.append(record)
 
-    def _snapshot(self, tensors: dict[str, torch.Tensor], ready: dict) -> tuple[dict, torch.cuda.Event | None]:
-        """Copy the live tensors into the reused host buffers; CUDA copies are issued, not finished."""
-        for name in set(self._buffers) - set(tensors):
-            del self._buffers[name]
-        host, stream = {}, None
-        for i, (name, src) in enumerate(tensors.items()):
-            if i == len(tensors) // 2:
+    def _snapshot(self, tensors: dict[str, torch.Tensor], ready: dict) -> tuple[store.FlatShard, torch.cuda.Event | None]:
+        """Copy the live tensors into the reused host buffer (one call on CPU); CUDA copies are issued, not finished."""
+        srcs = {name: t.detach() for name, t in tensors.items()}
+        gpu = any(t.is_cuda for t in srcs.values())
+        if self._host is None or not self._host.fits(srcs):
+            self._host = store.FlatShard.like(srcs, pin=gpu)
+            self._views = self._host.views()
+        dst = [self._views[name] for name in srcs]
+        half = len(dst) // 2
+        stream = None
+        for part in (slice(0, half), slice(half, None)):  # halves: the copy fault point falls between them
+            if part.start == half:
                 faults.hit("ckpt.copy")
-            src = src.detach()
-            dst = self._buffers.get(name)
-            if dst is None or dst.shape != src.shape or dst.dtype != src.dtype:
-                dst = self._buffers[name] = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-            if src.is_cuda:
-                stream = self._side_stream(src.device, ready)
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-                src.record_stream(stream)  # the allocator must not reuse src before the copy ran
-            else:
-                dst.copy_(src)  # releases the GIL
-            host[name] = dst
-        return host, (stream.record_event() if stream is not None else None)
+            names, outs = list(srcs)[part], dst[part]
+            if not outs:
+                continue
+            if not gpu:
+                torch._foreach_copy_(outs, [srcs[n] for n in names])  # one call, the GIL released
+                continue
+            for name, out in zip(names, outs):
+                src = srcs[name]
+                if src.is_cuda:
+                    stream = self._side_stream(src.device, ready)
+                    with torch.cuda.stream(stream):
+                        out.copy_(src, non_blocking=True)
+                    src.record_stream(stream)  # the allocator must not reuse src before the copy ran
+                else:
+                    out.copy_(src)
+        return self._host, (stream.record_event() if stream is not None else None)
 
     def _side_stream(self, device: torch.device, ready: dict) -> torch.cuda.Stream:
         if device not in self._streams:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 import threading
 import time
@@ -32,6 +31,7 @@ from areal import faults
 from areal.checkpoint import store
 from areal.checkpoint.config import CheckpointConfig
 from areal.checkpoint.lazy import LazyCheckpointer
+from areal.runtime import rng_state, set_rng_state
 
 log = logging.getLogger("areal")
 
@@ -67,17 +67,6 @@ class PreemptionFlag:
         return self.event.is_set()
 
 
-def rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    return {"python": [version, list(internal), gauss], "torch": torch.get_rng_state().tolist()}
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-
-
 @dataclass
 class Restored:
     """What a resumed run continues from."""
@@ -89,9 +78,8 @@ class Restored:
 
 
 def load_checkpoint(path: Path) -> Restored:
-    ckpt = store.load(path)
-    tensors = ckpt.tensors.get(0, {}) if isinstance(ckpt.tensors, dict) and 0 in ckpt.tensors else ckpt.tensors
-    return Restored(ckpt.step, ckpt.path, ckpt.state, dict(tensors))
+    ckpt = store.load(path, ranks=[0])  # one trainer rank today; several come with multi-rank trainers
+    return Restored(ckpt.step, ckpt.path, ckpt.state, ckpt.tensors[0])
 
 
 def truncate_metrics(run_dir: Path, step: int) -> list[dict]:

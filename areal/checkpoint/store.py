@@ -41,7 +41,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from areal import faults
 
@@ -117,18 +117,6 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage (tied weights, views of a flat buffer): clone those."""
-    seen: set[int] = set()
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[name] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    return out
-
-
 # ---------------------------------------------------------------- writing and committing
 
 
@@ -142,21 +130,78 @@ def tmp_dir_for(directory: Path, step: int, fresh: bool = True) -> Path:
     return tmp
 
 
-def write_shard(tmp_dir: Path, rank: int, tensors: dict[str, torch.Tensor]) -> dict:
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_CHUNK = 1 << 24  # 16 MiB: checksummed, then written while still in cache
+
+
+@dataclass
+class FlatShard:
+    """Tensors laid out back to back in one host byte buffer, in the order of a safetensors file (widest
+    dtype first, so every view is aligned without padding). A lazy checkpoint copies into it with one
+    call and writes it in a few large writes: the trainer's thread barely notices either."""
+
+    data: torch.Tensor  # uint8, 1-D
+    entries: list[tuple[str, torch.dtype, list[int], int, int]]  # name, dtype, shape, begin, end in data
+
+    @classmethod
+    def like(cls, tensors: dict[str, torch.Tensor], pin: bool = False) -> "FlatShard":
+        entries, offset = [], 0
+        for name, t in sorted(tensors.items(), key=lambda kv: -kv[1].element_size()):
+            n = t.numel() * t.element_size()
+            entries.append((name, t.dtype, list(t.shape), offset, offset + n))
+            offset += n
+        return cls(torch.empty(offset, dtype=torch.uint8, pin_memory=pin), entries)
+
+    def fits(self, tensors: dict[str, torch.Tensor]) -> bool:
+        return len(tensors) == len(self.entries) and all(
+            name in tensors and tensors[name].dtype == dtype and list(tensors[name].shape) == shape
+            for name, dtype, shape, _, _ in self.entries)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {name: self.data[begin:end].view(dtype).view(shape) for name, dtype, shape, begin, end in self.entries}
+
+
+def _write_safetensors(path: Path, shard: FlatShard) -> tuple[int, int, dict[str, int]]:
+    """Write the shard as a safetensors file straight from its buffer (fsynced); return (bytes, file crc32,
+    {name: tensor crc32}). safetensors' own writer first copies every tensor into a Python bytes object while
+    holding the GIL, stalling the trainer's thread for that long; here every large step (crc32, write) runs
+    with the GIL released, over a few big slices."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    for name, dtype, shape, begin, end in shard.entries:
+        if dtype not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}, which safetensors cannot hold")
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": shape, "data_offsets": [begin, end]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    prefix = len(head).to_bytes(8, "little") + head
+    data = memoryview(shard.data.numpy())
+    crcs = {name: zlib.crc32(data[begin:end]) for name, _, _, begin, end in shard.entries}
+    file_crc = zlib.crc32(prefix)
+    with open(path, "wb", buffering=0) as f:
+        f.write(prefix)
+        for i in range(0, len(data), _CHUNK):
+            chunk = data[i:i + _CHUNK]
+            file_crc = zlib.crc32(chunk, file_crc)
+            f.write(chunk)
+        os.fsync(f.fileno())
+    return len(prefix) + len(data), file_crc, crcs
+
+
+def write_shard(tmp_dir: Path, rank: int, tensors: dict[str, torch.Tensor] | FlatShard) -> dict:
     """Write rank{rank}.safetensors (fsynced) and rank{rank}.json, this rank's manifest entry; return it."""
     tmp_dir, name = Path(tmp_dir), shard_name(rank)
-    tensors = _own_storage(tensors)
-    meta = {k: {"crc32": tensor_crc32(t), "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
-            for k, t in tensors.items()}
+    if not isinstance(tensors, FlatShard):
+        shard = FlatShard.like(tensors)
+        views = shard.views()
+        for key, t in tensors.items():
+            views[key].copy_(t.detach())
+        tensors = shard
     faults.hit("ckpt.write")
-    try:
-        save_file(tensors, tmp_dir / name)
-    except SafetensorError as e:  # the Rust writer's I/O errors say "(os error N)": make them OSErrors again
-        if code := re.search(r"os error (\d+)", str(e)):
-            raise OSError(int(code[1]), str(e), str(tmp_dir / name)) from e
-        raise
-    _fsync(tmp_dir / name)
-    size, crc = file_crc32(tmp_dir / name)  # read back from the page cache: the crc covers what was written
+    size, crc, crcs = _write_safetensors(tmp_dir / name, tensors)
+    meta = {k: {"crc32": crcs[k], "dtype": str(dtype).removeprefix("torch."), "shape": shape}
+            for k, dtype, shape, _, _ in tensors.entries}
     entry = {"file": name, "bytes": size, "crc32": crc, "tensors": meta}
     part = _entry_path(tmp_dir, rank, ".json.part")
     _write_file(part, json.dumps(entry).encode())
@@ -203,7 +248,7 @@ def commit(directory: Path, step: int, state: dict, config_hash: str, world_size
                 "created": time.time(), "files": files, "tensors": {e["file"]: e["tensors"] for e in entries}}
     for r in range(world_size):
         _entry_path(tmp, r).unlink()
-    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    _write_file(tmp / MANIFEST, json.dumps(manifest).encode())  # no indent: the C encoder, the GIL held briefly
     _fsync(tmp)
     if final.exists():  # re-saving a step after resuming from an earlier one: the new one wins
         shutil.rmtree(final)
