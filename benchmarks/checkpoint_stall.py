@@ -76,7 +76,7 @@ def timed(fn) -> float:
 def measure(name: str, blocks: int, steps_per_block: int, repeats: int, workdir: Path) -> dict:
     from safetensors.torch import save_file
 
-    from areal.checkpoint import store
+    from areal.checkpoint import nested
     from areal.checkpoint.lazy import LazyCheckpointer
     from areal.trainer.batch import build_batch
     from areal.trainer.config import TrainerConfig
@@ -135,7 +135,7 @@ def measure(name: str, blocks: int, steps_per_block: int, repeats: int, workdir:
         torch.save(state_dicts(), workdir / "torch.pt")
 
     def safetensors_save():
-        flat, skeleton = store.flatten_state(state_dicts(), "")
+        flat, skeleton = nested.flatten_state(state_dicts(), "")
         seen, unique = set(), {}
         for k, v in flat.items():  # tied weights once, as safetensors' save_model does
             if v.data_ptr() not in seen:

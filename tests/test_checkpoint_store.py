@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from areal import faults
-from areal.checkpoint import store
+from areal.checkpoint import nested, store
 from areal.checkpoint.store import CheckpointError
 
 
@@ -37,19 +37,19 @@ def test_model_and_adamw_round_trip(tmp_path, tiny_qwen2):
         model(input_ids=torch.randint(3, 40, (2, 8)), labels=torch.randint(3, 40, (2, 8))).loss.backward()
         opt.step()
         opt.zero_grad()
-    model_t, model_s = store.flatten_state(model.state_dict(), "model")
-    opt_t, opt_s = store.flatten_state(opt.state_dict(), "optim")
+    model_t, model_s = nested.flatten_state(model.state_dict(), "model")
+    opt_t, opt_s = nested.flatten_state(opt.state_dict(), "optim")
     assert opt_t["optim/state/0/exp_avg"] is opt.state[next(model.parameters())]["exp_avg"]  # live, by path
     path = save(tmp_path, 2, {**model_t, **opt_t}, {"model": model_s, "optim": opt_s})
 
     ckpt = store.load(path)
     assert ckpt.step == 2 and ckpt.manifest["format"] == store.FORMAT
     model2 = type(model)(model.config)
-    model2.load_state_dict(store.unflatten_state(ckpt.state["model"], ckpt.tensors[0]))
+    model2.load_state_dict(nested.unflatten_state(ckpt.state["model"], ckpt.tensors[0]))
     for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(a, b), k
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
-    restored = store.unflatten_state(ckpt.state["optim"], ckpt.tensors[0])
+    restored = nested.unflatten_state(ckpt.state["optim"], ckpt.tensors[0])
     assert set(restored["state"]) == set(opt.state_dict()["state"])  # int keys came back as ints
     opt2.load_state_dict(restored)
     for p, p2 in zip(model.parameters(), model2.parameters()):
@@ -61,9 +61,9 @@ def test_model_and_adamw_round_trip(tmp_path, tiny_qwen2):
 def test_flatten_encodings_round_trip():
     t = torch.arange(3)
     obj = {1: (t, None, "s"), "a": [1.5, True, {(2, "x"): t}], "__tensor__": 3, "size": torch.Size([2, 3])}
-    tensors, skel = store.flatten_state(obj, "p")
+    tensors, skel = nested.flatten_state(obj, "p")
     assert tensors["p/1/0"] is t  # no copy
-    back = store.unflatten_state(json.loads(json.dumps(skel)), tensors)
+    back = nested.unflatten_state(json.loads(json.dumps(skel)), tensors)
     assert back[1][0] is t and back[1][1:] == (None, "s")
     assert back["a"][:2] == [1.5, True] and back["a"][2][(2, "x")] is t
     assert back["__tensor__"] == 3 and back["size"] == (2, 3)
@@ -71,7 +71,7 @@ def test_flatten_encodings_round_trip():
 
 def test_flatten_refuses_other_objects_naming_the_path():
     with pytest.raises(CheckpointError, match=r"opt/state/0/fn: cannot checkpoint a function"):
-        store.flatten_state({"state": {0: {"fn": lambda: 0}}}, "opt")
+        nested.flatten_state({"state": {0: {"fn": lambda: 0}}}, "opt")
 
 
 def test_config_hash_is_canonical():

@@ -118,7 +118,7 @@ def _owned(obj):
 
 
 def _flat_scheduler(scheduler, prefix: str):
-    from areal.checkpoint.store import flatten_state
+    from areal.checkpoint.nested import flatten_state
 
     return flatten_state(scheduler.state_dict(), f"{prefix}sched")
 
@@ -162,7 +162,7 @@ class TorchBackend:
 
     def checkpoint_state(self, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
         """Parameters, AdamW state and LR schedule: the full state (under DDP every rank holds the same)."""
-        from areal.checkpoint.store import flatten_state
+        from areal.checkpoint.nested import flatten_state
 
         tensors = {f"{prefix}model/{name}": p.detach() for name, p in self.inner.named_parameters()}
         optim, optim_skeleton = flatten_state(self.optimizer.state_dict(), f"{prefix}optim")
@@ -172,7 +172,7 @@ class TorchBackend:
         return tensors, {"optimizer": optim_skeleton, "scheduler": sched_skeleton}
 
     def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "") -> None:
-        from areal.checkpoint.store import unflatten_state
+        from areal.checkpoint.nested import unflatten_state
 
         _load_params(list(self.inner.named_parameters()), tensors, prefix)
         self.optimizer.load_state_dict(_owned(unflatten_state(meta["optimizer"], tensors)))
@@ -292,7 +292,7 @@ class DeepSpeedBackend:
         return list(self.inner.named_parameters())
 
     def checkpoint_state(self, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
-        from areal.checkpoint.store import CheckpointError, flatten_state
+        from areal.checkpoint.nested import CheckpointError, flatten_state
 
         rank, size = world()
         tensors = {f"{prefix}model/{name}": t.detach() for name, t in self._params()}
@@ -321,7 +321,7 @@ class DeepSpeedBackend:
         return tensors, meta
 
     def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "") -> None:
-        from areal.checkpoint.store import unflatten_state
+        from areal.checkpoint.nested import unflatten_state
 
         rank, size = world()
         if meta.get("zero_stage") != self.cfg.zero_stage:

@@ -347,7 +347,7 @@ class TrainEngine:
             sched/...              LR schedule tensors, if any
             critic/model/<name>, critic/optim/..., critic/sched/...   with a critic
         plus a JSON-able meta dict: format, version, backend, zero_stage, world_size, rank, and per model the
-        optimizer and scheduler skeletons (store.flatten_state) and DeepSpeed's step counters. Valid until the
+        optimizer and scheduler skeletons (checkpoint.nested.flatten_state) and DeepSpeed's step counters. Valid until the
         next optimizer step (see set_before_step). Every rank returns its own state; under the torch backend
         (one process or DDP) that is the full state, the same on every rank."""
         tensors, policy = self.backend.checkpoint_state()

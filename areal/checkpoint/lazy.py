@@ -112,9 +112,7 @@ class LazyCheckpointer:
         t0 = time.perf_counter()
         if self.busy:
             if self.on_busy == "skip" and not wait:
-                self._skipped += 1
-                self.log.warning("checkpoint step %d skipped: the previous one is still being written "
-                                 "(%d skipped so far)", step, self._skipped)
+                self.skip(step)
                 return False
             self._thread.join()
         record = CheckpointRecord(step=step, path=None)
@@ -134,6 +132,13 @@ class LazyCheckpointer:
         if wait and error:
             raise error[0]
         return True
+
+    def skip(self, step: int) -> None:
+        """Count and log checkpoint `step` as skipped: it fell due while the previous one is in flight. Callers
+        that must not even gather a checkpoint's state then (an async run's cut) check `busy` and call this."""
+        self._skipped += 1
+        self.log.warning("checkpoint step %d skipped: the previous one is still being written "
+                         "(%d skipped so far)", step, self._skipped)
 
     def before_update(self) -> None:
         """Call right before optimizer.step(): blocks until the pending host copy is finished (blocked time)."""

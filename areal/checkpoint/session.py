@@ -31,6 +31,7 @@ from areal import faults
 from areal.checkpoint import store
 from areal.checkpoint.config import CheckpointConfig
 from areal.checkpoint.lazy import LazyCheckpointer
+from areal.metrics import read_metrics
 from areal.runtime import rng_state, set_rng_state
 
 log = logging.getLogger("areal")
@@ -87,8 +88,7 @@ def truncate_metrics(run_dir: Path, step: int) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if r["step"] <= step]
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     tmp.replace(path)
@@ -106,7 +106,6 @@ class CheckpointSession:
         self.preempt = PreemptionFlag()
         self._last_save = time.monotonic()
         self.committed: list[dict] = []
-        self.skipped_busy = 0
 
     def _before_update(self) -> None:
         faults.hit("trainer.update")
@@ -125,12 +124,10 @@ class CheckpointSession:
 
     def skip(self, step: int) -> None:
         """A checkpoint fell due while the previous one is still being written (checkpoint.on_busy=skip)."""
-        self.skipped_busy += 1
-        log.warning("checkpoint of step %d skipped: the previous one is still being written (%d skipped so far)",
-                    step, self.skipped_busy + self.checkpointer.skipped)
+        self.checkpointer.skip(step)
 
     def path_of(self, step: int) -> Path:
-        return self.run_dir / "ckpt" / f"step_{step:08d}"
+        return store.step_dir(self.checkpointer.directory, step)
 
     def export(self, out_dir: Path) -> None:
         """The policy as a Hugging Face model folder (every rank calls it; rank 0 writes)."""
@@ -156,7 +153,7 @@ class CheckpointSession:
                                        "snapshot_s": r.snapshot_s, "persist_s": r.persist_s})
             out.update({"ckpt/step": r.step, "ckpt/ok": float(r.ok), "ckpt/bytes": r.bytes,
                         "ckpt/blocked_s": r.blocked_s, "ckpt/snapshot_s": r.snapshot_s, "ckpt/persist_s": r.persist_s})
-        out["ckpt/skipped"] = self.checkpointer.skipped + self.skipped_busy
+        out["ckpt/skipped"] = self.checkpointer.skipped
         out["ckpt/failures"] = self.checkpointer.failures
         return out
 
@@ -164,7 +161,7 @@ class CheckpointSession:
         c = self.committed
         return {
             "checkpoints": len(c),
-            "checkpoint_skipped": self.checkpointer.skipped + self.skipped_busy,
+            "checkpoint_skipped": self.checkpointer.skipped,
             "checkpoint_failures": self.checkpointer.failures,
             "checkpoint_blocked_s_max": max((r["blocked_s"] for r in c), default=0.0),
             "checkpoint_persist_s_mean": sum(r["persist_s"] for r in c) / len(c) if c else 0.0,

@@ -21,9 +21,8 @@ listed file missing or differing in size or crc32, a tensor differing from its c
 the manifest does not list. Nothing here unpickles: a pickle or zip (torch.save) file is refused by its magic
 bytes, never opened.
 
-Nested state (a torch or DeepSpeed optimizer state_dict) goes through flatten_state: its tensors, keyed by
-path, go into the shard; the rest becomes a JSON skeleton in which a tensor is {"__tensor__": key}, a tuple
-{"__tuple__": [...]} and a dict with non-str keys {"__dict__": [[key, value], ...]}.
+Nested state (a torch or DeepSpeed optimizer state_dict) becomes shard tensors plus a JSON skeleton through
+areal/checkpoint/nested.py.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ FORMAT = "areal-ckpt/1"
 MANIFEST, STATE, LATEST = "manifest.json", "state.json", "latest"
 _STEP_DIR = re.compile(r"step_(\d{8,})(\.tmp)?")
 _SHARD = re.compile(r"rank(\d{5})\.safetensors")
-_MARKERS = ("__tensor__", "__tuple__", "__dict__")
 
 
 class CheckpointError(ValueError):
@@ -410,67 +408,3 @@ def prune(directory: Path, keep_last: int) -> list[Path]:
             p = p.rename(p.with_suffix(".tmp"))
         shutil.rmtree(p, ignore_errors=True)
     return doomed
-
-
-# ---------------------------------------------------------------- nested state <-> tensors + JSON skeleton
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}/{key}" if path else str(key)
-
-
-def _key(k: Any, path: str) -> Any:
-    if k is None or isinstance(k, (str, bool, float)):
-        return k
-    if isinstance(k, int):
-        return int(k)
-    if type(k) is tuple:
-        return {"__tuple__": [_key(v, path) for v in k]}
-    raise CheckpointError(f"{path or '<root>'}: cannot checkpoint a dict key of type {type(k).__name__}")
-
-
-def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
-    """(tensors keyed by path, JSON-able skeleton). The tensors are the live ones, not copies."""
-    tensors: dict[str, torch.Tensor] = {}
-
-    def walk(x: Any, path: str) -> Any:
-        if isinstance(x, torch.Tensor):
-            if path in tensors:
-                raise CheckpointError(f"{path}: two tensors flatten to this key")
-            tensors[path] = x
-            return {"__tensor__": path}
-        if x is None or isinstance(x, (str, bool, float)):
-            return x
-        if isinstance(x, int):  # IntEnum (e.g. DeepSpeed's ZeRO stage) -> int
-            return int(x)
-        if type(x) is tuple or isinstance(x, torch.Size):
-            return {"__tuple__": [walk(v, _join(path, i)) for i, v in enumerate(x)]}
-        if type(x) is list:
-            return [walk(v, _join(path, i)) for i, v in enumerate(x)]
-        if isinstance(x, dict):
-            if all(type(k) is str and k not in _MARKERS for k in x):
-                return {k: walk(v, _join(path, k)) for k, v in x.items()}
-            return {"__dict__": [[_key(k, path), walk(v, _join(path, k))] for k, v in x.items()]}
-        raise CheckpointError(f"{path or '<root>'}: cannot checkpoint a {type(x).__name__} "
-                              "(only dict, list, tuple, str, int, float, bool, None and Tensor)")
-
-    return tensors, walk(obj, prefix)
-
-
-def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Inverse of flatten_state."""
-    if isinstance(skeleton, list):
-        return [unflatten_state(v, tensors) for v in skeleton]
-    if not isinstance(skeleton, dict):
-        return skeleton
-    if len(skeleton) == 1:
-        (tag, v), = skeleton.items()
-        if tag == "__tensor__":
-            if v not in tensors:
-                raise CheckpointError(f"tensor {v!r} is not in the checkpoint")
-            return tensors[v]
-        if tag == "__tuple__":
-            return tuple(unflatten_state(i, tensors) for i in v)
-        if tag == "__dict__":
-            return {unflatten_state(k, tensors): unflatten_state(i, tensors) for k, i in v}
-    return {k: unflatten_state(v, tensors) for k, v in skeleton.items()}
