@@ -9,30 +9,32 @@ Protocol, per update (one control message, never one per parameter):
 The header (`UpdateHeader`) is the only control message: seq, version, the full layout (names, shapes,
 dtypes, byte offsets, bucket byte ranges) and total bytes. `finish_update` sends nothing: broadcasts
 are ordered, so the last bucket arriving completes the update. The layout goes with every header
-(a few KB even for a 7B model) so a receiver never depends on an earlier message.
+(~30 KB of JSON for a 7B model) so a receiver never depends on an earlier message.
 
 Data: the weights of one version live in ONE flat uint8 buffer (every tensor 64-byte aligned). Wire
 buckets are consecutive byte ranges of ~bucket_bytes of that buffer (a big tensor may span buckets).
 
-Transports:
-- `DistSender` / `DistReceiver`: control = torch.distributed `TCPStore` hosted by the sender at
-  `tcp://HOST:PORT` (port 0 = any free port; read `.address` back), data = `broadcast` over a private
-  process group (rank 0 = sender, ranks 1..k = receivers) built directly on that store, so it never
-  touches the default process group the trainer may use for its own data parallelism. gloo for CPU
-  buffers, NCCL for CUDA buffers, chosen at run time from `device`. Every store wait and collective has
-  a timeout (`timeout_s` per transfer, `connect_timeout_s` for forming the group), so a dead peer
-  raises instead of hanging. Works across hosts (set GLOO_SOCKET_IFNAME /
-  NCCL_SOCKET_IFNAME there; for a loopback address we set GLOO_SOCKET_IFNAME=lo if it is unset).
-- `InProcessHub`: same-process sender and receivers (direct copies) for the synchronous loop and tests.
-Headers are pickled: the store is the cluster's own, not an untrusted endpoint.
+Transport: `DistSender` / `DistReceiver`. Control = torch.distributed `TCPStore` hosted by the sender at
+`tcp://HOST:PORT` (port 0 = any free port; read `.address` back), data = `broadcast` over a private
+process group (rank 0 = sender, ranks 1..k = receivers) built directly on that store, so it never
+touches the default process group the trainer may use for its own data parallelism. gloo for CPU
+buffers, NCCL for CUDA buffers, chosen at run time from `device`. Every store wait and collective has
+a timeout (`timeout_s` per transfer, `connect_timeout_s` for forming the group), so a dead peer
+raises instead of hanging. Works across hosts (set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME there; for
+a loopback address we set GLOO_SOCKET_IFNAME=lo if it is unset).
+
+Control messages in the store (`meta`, each header) are JSON, never pickle: a TCPStore listens on all
+interfaces and takes writes from anyone who can reach its port, so unpickling an entry would run that
+writer's code in every receiver. JSON carries only data, and `UpdateHeader.from_json` checks every
+field, raising ValueError on a malformed entry.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-import pickle
-import queue
-import threading
+import reprlib
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -108,6 +110,90 @@ class UpdateHeader:
     total_bytes: int
     sent_at: float  # sender's time.time() at start_update, for end-to-end latency
 
+    def to_json(self) -> bytes:
+        """Compact JSON; each tensor is [name, shape, dtype, offset, nbytes], each bucket [start, end]."""
+        layout = self.layout
+        return json.dumps({
+            "seq": self.seq, "version": self.version, "total_bytes": self.total_bytes, "sent_at": self.sent_at,
+            "layout": {
+                "tensors": [[t.name, list(t.shape), t.dtype, t.offset, t.nbytes] for t in layout.tensors],
+                "buckets": [list(b) for b in layout.buckets],
+                "total_bytes": layout.total_bytes,
+            },
+        }, separators=(",", ":"), allow_nan=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> UpdateHeader:
+        """The header `to_json` wrote. Anything else (not JSON, a missing or extra field, a wrong type, a
+        byte range outside the buffer) raises ValueError, so a receiver never acts on a half-valid header."""
+        obj = _load_json(data, "update header")
+        seq, version, total, sent_at, layout = _fields(
+            obj, ("seq", "version", "total_bytes", "sent_at", "layout"), "update header")
+        seq, total = _count(seq, "seq"), _count(total, "total_bytes")
+        if type(version) is not int:
+            raise ValueError(f"update header: version must be an integer, got {reprlib.repr(version)}")
+        if type(sent_at) not in (int, float) or not math.isfinite(sent_at):
+            raise ValueError(f"update header: sent_at must be a finite number, got {reprlib.repr(sent_at)}")
+        tensors, buckets, layout_total = _fields(layout, ("tensors", "buckets", "total_bytes"), "update header layout")
+        if type(layout_total) is not int or layout_total != total:
+            raise ValueError(f"update header: layout total_bytes {reprlib.repr(layout_total)} != total_bytes {total}")
+        tensors = tuple(_tensor_spec(t, total) for t in _list(tensors, "layout tensors"))
+        buckets = tuple(_byte_range(b, total) for b in _list(buckets, "layout buckets"))
+        return cls(seq, version, Layout(tensors, buckets, total), total, float(sent_at))
+
+
+# JSON decoding of store entries: anyone who reaches the store can write them, so every value is checked
+# (reprlib keeps a hostile value from flooding the error message).
+def _load_json(data: bytes, what: str):
+    try:
+        return json.loads(data)
+    except (TypeError, ValueError, RecursionError) as exc:  # not bytes, not UTF-8, not JSON, nested too deep
+        raise ValueError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _fields(obj, keys: tuple[str, ...], what: str) -> tuple:
+    """The values of exactly `keys` in a JSON object."""
+    if not isinstance(obj, dict) or set(obj) != set(keys):
+        got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{what} must be an object with fields {list(keys)}, got {reprlib.repr(got)}")
+    return tuple(obj[k] for k in keys)
+
+
+def _list(value, what: str, length: int | None = None) -> list:
+    if not isinstance(value, list) or (length is not None and len(value) != length):
+        shape = "a list" if length is None else f"a list of {length}"
+        raise ValueError(f"update header: {what} must be {shape}, got {reprlib.repr(value)}")
+    return value
+
+
+def _count(value, what: str) -> int:
+    if type(value) is not int or value < 0:  # type(), not isinstance: JSON true/false are not counts
+        raise ValueError(f"update header: {what} must be a non-negative integer, got {reprlib.repr(value)}")
+    return value
+
+
+def _byte_range(value, total: int) -> tuple[int, int]:
+    start, end = (_count(x, "bucket bound") for x in _list(value, "a bucket", 2))
+    if not start <= end <= total:
+        raise ValueError(f"update header: bucket [{start}, {end}) is outside the {total}-byte buffer")
+    return start, end
+
+
+def _tensor_spec(value, total: int) -> TensorSpec:
+    name, shape, dtype, offset, nbytes = _list(value, "a tensor entry", 5)
+    if not isinstance(name, str):
+        raise ValueError(f"update header: tensor name must be a string, got {reprlib.repr(name)}")
+    label = reprlib.repr(name)
+    shape = tuple(_count(d, f"a dimension of {label}") for d in _list(shape, f"the shape of {label}"))
+    torch_dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"update header: {label} has no torch dtype {reprlib.repr(dtype)}")
+    offset, nbytes = _count(offset, f"the offset of {label}"), _count(nbytes, f"the size of {label}")
+    if nbytes != math.prod(shape) * torch_dtype.itemsize or offset + nbytes > total:
+        raise ValueError(f"update header: {label} ({nbytes} bytes at {offset}, shape {shape}, {dtype}) "
+                         f"does not match its shape or lies outside the {total}-byte buffer")
+    return TensorSpec(name, shape, dtype, offset, nbytes)
+
 
 # ------------------------------------------------------------------ interface
 class SenderTransport(ABC):
@@ -151,16 +237,6 @@ def _parse(address: str) -> tuple[str, int]:
         raise ValueError(f"address must look like tcp://HOST:PORT, got {address!r}")
     host, _, port = address[len("tcp://") :].rpartition(":")
     return host.strip("[]"), int(port)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free right now, for a launcher that must hand the address out before the sender exists
-    (racy by nature; when the sender's process starts the workers, prefer port 0 and `.address`)."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _loopback_env(host: str) -> None:
@@ -242,10 +318,10 @@ class DistSender(_DistEnd, SenderTransport):
         store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=wait)
         self.address = f"tcp://{host}:{store.port}"
         self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s)
-        self.ctl.set("meta", pickle.dumps({"backend": self.backend, "world_size": self.world_size}))
+        self.ctl.set("meta", json.dumps({"backend": self.backend, "world_size": self.world_size}).encode())
 
     def start_update(self, header: UpdateHeader) -> None:
-        self.ctl.set(f"update/{header.seq}", pickle.dumps(header))
+        self.ctl.set(f"update/{header.seq}", header.to_json())
         self.control_messages += 1
 
     def send_bucket(self, bucket: torch.Tensor) -> None:
@@ -278,9 +354,10 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s or timeout_s))
         self.address = address
         self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s)
-        meta = pickle.loads(self.ctl.get("meta"))
-        if meta["backend"] != self.backend or meta["world_size"] != self.world_size:
-            raise ValueError(f"receiver ({self.backend}, world {self.world_size}) does not match sender {meta}")
+        backend, world_size = _fields(_load_json(self.ctl.get("meta"), "meta"), ("backend", "world_size"), "meta")
+        if backend != self.backend or world_size != self.world_size:
+            raise ValueError(f"receiver ({self.backend}, world {self.world_size}) does not match sender "
+                             f"({reprlib.repr(backend)}, world {reprlib.repr(world_size)})")
         self._next_seq = 0
 
     def recv_start(self, timeout_s: float) -> UpdateHeader | None:
@@ -289,10 +366,11 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         while True:
             try:  # check() polls without the C++ timeout warnings that store.wait(timeout) prints
                 found, closed = self.ctl.check([key]), self.ctl.check(["closed"])
-                header = pickle.loads(self.ctl.get(key)) if found else None
+                entry = self.ctl.get(key) if found else None
             except Exception as exc:  # the store lives in the publisher: it died or the network is gone
                 raise ConnectionError(f"weight publisher's store at {self.address} unreachable: {exc}") from exc
-            if header is not None:
+            if entry is not None:
+                header = UpdateHeader.from_json(entry)  # a malformed entry raises ValueError, not "unreachable"
                 self._next_seq += 1
                 self.control_messages += 1
                 return header
@@ -312,77 +390,3 @@ class DistReceiver(_DistEnd, ReceiverTransport):
     def close(self) -> None:
         self._shutdown_group()
 
-
-# ------------------------------------------------------------------ in-process
-class InProcessHub:
-    """One sender, any number of receivers in the same process; buckets are copied directly.
-    Create every receiver before the first update (like ranks of a process group)."""
-
-    def __init__(self, timeout_s: float = 300.0):
-        self.timeout_s = timeout_s
-        self._queues: list[queue.Queue] = []
-
-    def sender(self) -> InProcessSender:
-        return InProcessSender(self)
-
-    def receiver(self) -> InProcessReceiver:
-        q: queue.Queue = queue.Queue()
-        self._queues.append(q)
-        return InProcessReceiver(q, self.timeout_s)
-
-
-class InProcessSender(SenderTransport):
-    def __init__(self, hub: InProcessHub):
-        self.hub, self._pending = hub, []
-
-    def start_update(self, header: UpdateHeader) -> None:
-        for q in self.hub._queues:
-            q.put(("start", header))
-        self.control_messages += 1
-
-    def send_bucket(self, bucket: torch.Tensor) -> None:
-        for q in self.hub._queues:
-            done = threading.Event()
-            q.put(("bucket", bucket, done))
-            self._pending.append(done)
-
-    def finish_update(self, header: UpdateHeader) -> None:
-        pending, self._pending = self._pending, []
-        deadline = time.monotonic() + self.hub.timeout_s
-        for done in pending:
-            if not done.wait(max(deadline - time.monotonic(), 0)):
-                raise TimeoutError(f"in-process receiver did not take update {header.version} in {self.hub.timeout_s}s")
-
-    def close(self) -> None:
-        for q in self.hub._queues:
-            q.put(("closed",))
-
-
-class InProcessReceiver(ReceiverTransport):
-    def __init__(self, q: queue.Queue, timeout_s: float):
-        self._q, self.timeout_s = q, timeout_s
-
-    def recv_start(self, timeout_s: float) -> UpdateHeader | None:
-        try:
-            msg = self._q.get(timeout=timeout_s)
-        except queue.Empty:
-            return None
-        if msg[0] == "closed":
-            raise PeerClosed("weight publisher closed the channel")
-        assert msg[0] == "start", msg[0]
-        self.control_messages += 1
-        return msg[1]
-
-    def recv_bucket(self, out: torch.Tensor) -> None:
-        try:
-            kind, bucket, done = self._q.get(timeout=self.timeout_s)
-        except queue.Empty:
-            raise TimeoutError(f"no bucket from the in-process sender in {self.timeout_s}s") from None
-        out.copy_(bucket)
-        done.set()
-
-    def finish_update(self, header: UpdateHeader) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -27,15 +27,12 @@ in a model of the loop). Groups finishing out of order can lag more (the bound i
 the amount of off-policy data); strict mode turns it into a hard per-token guarantee.
 
 Processes: the buffer lives in the trainer process, next to the controller (admission is
-decided there). Rollout worker processes send finished groups over a
-`multiprocessing.Queue`; `feed_from(queue)` runs a feeder thread that `put`s them
-(backpressure included). A worker sends `None` to stop the feeder, or an exception object
-to report its failure; `get_batch` then raises instead of hanging.
+decided there). Rollout worker processes send finished groups over a queue, and the trainer's
+collector thread (`areal.async_loop.Collector`) `put`s them.
 """
 
 from __future__ import annotations
 
-import queue as queue_module
 import threading
 import time
 from dataclasses import dataclass
@@ -98,8 +95,6 @@ class TrajectoryBuffer:
         self._held: dict[int, _Held] = {}  # insertion-ordered by seq
         self._next_seq = 0
         self._closed = False
-        self._feeders: list[threading.Thread] = []
-        self._feeder_error: BaseException | None = None
         # counters
         self._put = 0
         self._consumed = 0
@@ -161,8 +156,8 @@ class TrajectoryBuffer:
         chosen by ``config.order``. In strict mode, first drop (reason "stale") every held
         group whose oldest token is more than η versions behind ``current_version``.
 
-        Raises TimeoutError after ``timeout`` seconds, BufferClosed if the buffer is
-        closed with too few groups held, and RuntimeError if a feeder thread failed.
+        Raises TimeoutError after ``timeout`` seconds, and BufferClosed if the buffer is
+        closed with too few groups held.
         """
         if not 1 <= num_groups <= self.config.capacity_groups:
             raise ValueError(
@@ -172,8 +167,6 @@ class TrajectoryBuffer:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                if self._feeder_error is not None:
-                    raise RuntimeError("buffer feeder failed") from self._feeder_error
                 if self.config.strict_staleness:
                     self._drop_stale_locked(current_version)
                 if len(self._held) >= num_groups:
@@ -253,70 +246,14 @@ class TrajectoryBuffer:
             self._put_waits, self._consumed_max_lag = counters["put_waits"], counters["consumed_max_lag"]
             self._cond.notify_all()
 
-    # -- processes: feeder thread -------------------------------------------------------
-    def feed_from(self, source: Any, poll_interval: float = 0.05) -> threading.Thread:
-        """Start a daemon thread that puts every `Group` read from ``source`` (a
-        `multiprocessing.Queue` or `queue.Queue`). ``None`` stops it; an exception object
-        is recorded and re-raised (as the cause) by the next get_batch."""
-
-        def run() -> None:
-            while True:
-                try:
-                    item = source.get(timeout=poll_interval)
-                except queue_module.Empty:
-                    if self._closed:
-                        return
-                    continue
-                except (EOFError, OSError) as exc:  # the queue's pipe went away
-                    self._record_feeder_error(exc)
-                    return
-                if item is None:
-                    return
-                try:
-                    if isinstance(item, BaseException):
-                        raise item
-                    if not isinstance(item, Group):
-                        raise TypeError(f"feeder expected a Group, got {type(item).__name__}")
-                    self.put(item)
-                except BufferClosed:
-                    return
-                except BaseException as exc:  # report, never die silently
-                    self._record_feeder_error(exc)
-                    return
-
-        thread = threading.Thread(target=run, name="trajectory-buffer-feeder", daemon=True)
-        with self._cond:
-            self._raise_if_closed("feed_from")
-            self._feeders.append(thread)
-        thread.start()
-        return thread
-
-    def _record_feeder_error(self, exc: BaseException) -> None:
-        with self._cond:
-            if self._feeder_error is None:
-                self._feeder_error = exc
-            self._cond.notify_all()
-
     # -- lifecycle & stats --------------------------------------------------------------
-    def close(self, join_timeout: float = 2.0) -> None:
+    def close(self) -> None:
         """Refuse further puts and wake every waiter: blocked puts raise BufferClosed,
         blocked gets raise BufferClosed unless enough groups are held. Held groups stay
-        available to get_batch. Feeder threads exit."""
+        available to get_batch."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            feeders = list(self._feeders)
-        for thread in feeders:
-            if thread is not threading.current_thread():
-                thread.join(join_timeout)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._held)
 
     def stats(self) -> dict[str, Any]:
         with self._cond:

@@ -15,7 +15,6 @@ from areal.trainer.advantages import (
     group_advantages,
     overlong_penalty,
     reinforce_plus_plus_advantages,
-    shape_rewards,
 )
 
 torch.set_num_threads(1)
@@ -97,9 +96,7 @@ def test_gae_hand_values():
     _close(adv1, [0.5, 0.4, 0.3, 0.0])
 
 
-def test_shape_rewards_and_overlong_penalty():
-    _close(shape_rewards(torch.tensor([-3.0, 0.0, 1.0, 5.0]), scale=0.5, bias=1.0, clip=1.5), [-1.0, 0.5, 1.0, 1.5])
-    _close(shape_rewards(torch.tensor([2.0]), scale=3.0), [6.0])
+def test_overlong_penalty():
     lengths = torch.tensor([50, 80, 90, 100, 120])
     _close(overlong_penalty(lengths, max_len=100, buffer_len=20), [0.0, 0.0, -0.5, -1.0, -1.0])
     _close(overlong_penalty(lengths, max_len=100, buffer_len=20, penalty_factor=2.0), [0.0, 0.0, -1.0, -2.0, -2.0])

@@ -7,7 +7,7 @@ import torch
 
 from areal.config import build
 from areal.recipe import Recipe
-from areal.trainer.advantages import compute_advantages, grouped_advantages
+from areal.trainer.advantages import GROUP_METHODS, grouped_advantages
 from areal.trainer.batch import build_batch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.critic import clipped_value_loss
@@ -21,16 +21,16 @@ def groups_2x2():
             Group(1, [t([11], [12, 13], 0.0), t([11], [14, 15, 16, 17], 0.0)])]
 
 
-def test_compute_advantages_by_name():
-    r = torch.tensor([[1.0, 0.0, 0.0, 1.0]])  # mean 0.5, population std 0.5
-    g = compute_advantages(r, TrainerConfig(advantage="grpo"))
-    torch.testing.assert_close(g, torch.tensor([[1.0, -1.0, -1.0, 1.0]]), atol=1e-5, rtol=0)
-    d = compute_advantages(r, TrainerConfig(advantage="dr_grpo"))
-    torch.testing.assert_close(d, torch.tensor([[0.5, -0.5, -0.5, 0.5]]))
-    loo = compute_advantages(r, TrainerConfig(advantage="rloo"))  # 1 - mean(0, 0, 1) = 2/3
-    torch.testing.assert_close(loo, torch.tensor([[2 / 3, -2 / 3, -2 / 3, 2 / 3]]))
-    with pytest.raises(ValueError, match="advantages=None"):
-        compute_advantages(r, TrainerConfig(advantage="ppo_gae"))
+def test_grouped_advantages_by_method_name():
+    """The critic-free estimators the engine runs, named as in TrainerConfig.advantage."""
+    r, one_group = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long)  # mean 0.5, population std 0.5
+    expected = {"grpo": [1.0, -1.0, -1.0, 1.0], "dr_grpo": [0.5, -0.5, -0.5, 0.5],
+                "rloo": [2 / 3, -2 / 3, -2 / 3, 2 / 3]}  # rloo: 1 - mean(0, 0, 1) = 2/3
+    assert set(expected) == set(GROUP_METHODS)
+    for method, want in expected.items():
+        torch.testing.assert_close(grouped_advantages(r, one_group, method), torch.tensor(want), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        grouped_advantages(r, one_group, "ppo_gae")  # engine-side estimators are not group methods
 
 
 def test_grouped_advantages_handles_ragged_groups():

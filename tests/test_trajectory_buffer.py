@@ -1,7 +1,6 @@
 """TrajectoryBuffer: property tests (hypothesis state machine) plus targeted behaviour tests."""
 
 import multiprocessing as mp
-import queue
 import threading
 import time
 
@@ -191,22 +190,6 @@ def test_close_unblocks_waiters():
         buf2.get_batch(1, 0)
 
 
-def test_feeder_thread_and_error_reporting():
-    buf = _buffer()
-    q = queue.Queue()
-    thread = buf.feed_from(q)
-    q.put(make_group(0))
-    q.put(make_group(1))
-    assert [g.group_id for g in buf.get_batch(2, 0, timeout=5)] == [0, 1]
-    q.put(ValueError("worker 3 crashed"))
-    with pytest.raises(RuntimeError, match="feeder failed") as info:
-        buf.get_batch(1, 0, timeout=5)
-    assert "worker 3 crashed" in str(info.value.__cause__)
-    thread.join(5)
-    assert not thread.is_alive()
-    buf.close()
-
-
 def test_many_producer_threads_one_consumer_small_buffer():
     buf = _buffer(capacity_groups=3, order="fifo")
     per_thread, producers = 40, 4
@@ -252,6 +235,12 @@ def rollout_worker_process(tasks, results):
         results.put(make_group(gid, rewards=(float(gid % 2), 0.5), versions=((version,), (version, version))))
 
 
+def collect_into(buf, results):
+    """Parent thread, as the trainer's collector: put every group a worker sends, until None."""
+    while (group := results.get()) is not None:
+        buf.put(group)
+
+
 def test_cross_process_producer_feeds_parent_consumer():
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
@@ -260,7 +249,8 @@ def test_cross_process_producer_feeds_parent_consumer():
     B, eta, steps = 2, 1, 4
     ctl = StalenessController(B, max_staleness=eta, max_concurrent=3)
     buf = TrajectoryBuffer(BufferConfig(), ctl)
-    buf.feed_from(results)
+    collector = threading.Thread(target=collect_into, args=(buf, results), daemon=True)
+    collector.start()
     next_id, consumed = 0, []
     try:
         for v in range(steps):
@@ -275,6 +265,8 @@ def test_cross_process_producer_feeds_parent_consumer():
         tasks.put(None)
         child.join(30)
         assert child.exitcode == 0
+        collector.join(30)
+        assert not collector.is_alive()  # took the worker's last group and its stop
     finally:
         if child.is_alive():
             child.terminate()

@@ -1,8 +1,12 @@
-"""Trainer -> rollout weight broadcast: layout, in-process logic, and real processes over gloo/loopback."""
+"""Trainer -> rollout weight broadcast over gloo/loopback: layout, JSON headers, publisher/receiver logic with
+receivers on threads of this process, and real processes."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import pickle
 import threading
 import time
 
@@ -12,7 +16,7 @@ import torch.multiprocessing as mp
 
 from areal.rollout.weight_receiver import WeightReceiver, apply
 from areal.trainer.weight_publisher import WeightPublisher
-from areal.transport import ALIGN, DistReceiver, DistSender, InProcessHub, SenderTransport, plan_layout
+from areal.transport import ALIGN, DistReceiver, DistSender, SenderTransport, UpdateHeader, plan_layout
 
 TIMEOUT_S = 20.0  # every collective / store wait in these tests; a hang fails instead of blocking CI
 
@@ -77,7 +81,107 @@ def test_layout_offsets_aligned_and_buckets_cover_buffer():
     assert all(torch.equal(v, w[n]) for n, v in layout.views(flat))
 
 
-# ------------------------------------------------------------------ in-process
+def test_header_json_round_trip():
+    layout = plan_layout(make_weights(0).items(), bucket_bytes=100_000)  # float32, bfloat16, int64, a 0-d scalar
+    header = UpdateHeader(seq=3, version=7, layout=layout, total_bytes=layout.total_bytes, sent_at=time.time())
+    back = UpdateHeader.from_json(header.to_json())
+    assert back == header  # shapes and buckets come back as tuples, not lists
+    assert all(type(t.shape) is tuple for t in back.layout.tensors) and type(back.layout.buckets[0]) is tuple
+    assert back.layout.signature() == layout.signature()
+
+
+def _header_dict() -> dict:
+    w = {"w": torch.zeros(2, 3), "b": torch.zeros(5, dtype=torch.bfloat16)}
+    layout = plan_layout(w.items(), bucket_bytes=64)
+    return json.loads(UpdateHeader(0, 1, layout, layout.total_bytes, 1.5).to_json())
+
+
+def _set(path, value):
+    def edit(h):
+        *parents, last = path
+        for key in parents:
+            h = h[key]
+        h[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("entry,match", [
+    (b"\x80\x04\x95", "not valid JSON"),  # a pickle's first bytes: not even UTF-8
+    (b"{'seq': 0}", "not valid JSON"),
+    (b"[" * 100_000, "not valid JSON"),  # nesting deep enough to exhaust the parser's recursion
+    (b"[]", "must be an object with fields"),
+    (_set(("layout",), None), "layout must be an object"),
+    (lambda h: h.pop("sent_at"), "must be an object with fields"),
+    (_set(("extra",), 1), "must be an object with fields"),
+    (_set(("seq",), True), "seq must be a non-negative integer"),
+    (_set(("seq",), -1), "seq must be a non-negative integer"),
+    (_set(("version",), "1"), "version must be an integer"),
+    (_set(("sent_at",), "now"), "sent_at must be a finite number"),
+    (_set(("total_bytes",), 1.0), "total_bytes must be a non-negative integer"),
+    (_set(("layout", "total_bytes"), 64), "layout total_bytes"),
+    (_set(("layout", "tensors"), {}), "layout tensors must be a list"),
+    (_set(("layout", "tensors", 0), ["w", [2, 3], "float32", 0]), "tensor entry must be a list of 5"),
+    (_set(("layout", "tensors", 0, 0), 7), "tensor name must be a string"),
+    (_set(("layout", "tensors", 0, 1), "2x3"), "the shape of 'w' must be a list"),
+    (_set(("layout", "tensors", 0, 1), [2, -3]), "a dimension of 'w'"),
+    (_set(("layout", "tensors", 0, 2), "nn"), "no torch dtype 'nn'"),  # an attribute of torch, not a dtype
+    (_set(("layout", "tensors", 0, 3), -64), "offset of 'w'"),
+    (_set(("layout", "tensors", 0, 4), 25), "does not match its shape"),
+    (_set(("layout", "tensors", 1, 3), 10**6), "outside the 128-byte buffer"),
+    (_set(("layout", "buckets", 0), [0, 10**6]), "outside the 128-byte buffer"),
+    (_set(("layout", "buckets", 0), [0]), "a bucket must be a list of 2"),
+])
+def test_malformed_header_raises_value_error(entry, match):
+    if callable(entry):
+        h = _header_dict()
+        entry(h)
+        entry = json.dumps(h).encode()
+    with pytest.raises(ValueError, match=match):
+        UpdateHeader.from_json(entry)
+
+
+class RunsCode:
+    """Unpickling this creates `marker`: stands for a hostile writer's code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_receiver_refuses_store_entries_that_are_not_json_and_never_unpickles(tmp_path):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(RunsCode(marker))
+    sender = DistSender(num_receivers=1, timeout_s=TIMEOUT_S)
+    sender.ctl.set("update/0", payload)  # what anyone reaching the store's port could write
+    receiver = WeightReceiver(DistReceiver(sender.address, 1, 1, timeout_s=TIMEOUT_S))
+    sender.connect()  # the receiver's thread joins the group, then reads the entry
+    with pytest.raises(RuntimeError, match="weight receiver failed: update header is not valid JSON") as info:
+        receiver.wait_for(1, timeout=TIMEOUT_S)
+    assert isinstance(info.value.__cause__, ValueError)
+    receiver.close()
+    sender.ctl.set("meta", payload)
+    with pytest.raises(ValueError, match="meta is not valid JSON"):
+        DistReceiver(sender.address, 1, 1, timeout_s=TIMEOUT_S)
+    sender.ctl.set("meta", b'{"backend": "gloo", "world_size": 2, "more": 1}')
+    with pytest.raises(ValueError, match="meta must be an object with fields"):
+        DistReceiver(sender.address, 1, 1, timeout_s=TIMEOUT_S)
+    sender.close()
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload was live: unpickling it does run code
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------ one process, receivers on threads
+def local_dist(num_receivers: int = 1) -> tuple[DistSender, list[DistReceiver]]:
+    """A real sender and receivers on 127.0.0.1 in this process: the WeightPublisher's and each
+    WeightReceiver's background thread join the gloo group as their own rank."""
+    sender = DistSender(num_receivers=num_receivers, timeout_s=TIMEOUT_S)
+    return sender, [DistReceiver(sender.address, r, num_receivers, timeout_s=TIMEOUT_S)
+                    for r in range(1, num_receivers + 1)]
+
+
 class GatedSender(SenderTransport):
     """Wraps a sender; start_update blocks until the test opens the gate (a slow wire, made deterministic)."""
 
@@ -87,6 +191,9 @@ class GatedSender(SenderTransport):
     @property
     def control_messages(self):
         return self.inner.control_messages
+
+    def connect(self):
+        self.inner.connect()
 
     def start_update(self, header):
         self.started.set()
@@ -104,9 +211,9 @@ class GatedSender(SenderTransport):
 
 
 def test_coalescing_latest_version_wins_and_publish_never_waits():
-    hub = InProcessHub(timeout_s=TIMEOUT_S)
-    receiver = WeightReceiver(hub.receiver())
-    sender = GatedSender(hub.sender())
+    dist_sender, (dist_receiver,) = local_dist()
+    receiver = WeightReceiver(dist_receiver)
+    sender = GatedSender(dist_sender)
     pub = WeightPublisher(sender, bucket_mb=0.1)
     pub.publish(1, make_weights(1))
     assert sender.started.wait(TIMEOUT_S)  # v1 is now "on the wire" and stuck there
@@ -132,9 +239,9 @@ def test_coalescing_latest_version_wins_and_publish_never_waits():
 
 
 def test_receiver_keeps_only_newest_unpolled_and_wait_for_semantics():
-    hub = InProcessHub(timeout_s=TIMEOUT_S)
-    receiver = WeightReceiver(hub.receiver())
-    pub = WeightPublisher(hub.sender(), bucket_mb=0.05)
+    sender, (dist_receiver,) = local_dist()
+    receiver = WeightReceiver(dist_receiver)
+    pub = WeightPublisher(sender, bucket_mb=0.05)
     for v in (1, 2, 3):
         pub.publish(v, make_weights(v))
         pub.wait(TIMEOUT_S)
@@ -159,9 +266,9 @@ def test_update_applies_to_the_rollout_engine():
     from areal.rollout import Engine, SamplingParams
 
     trainer_model, engine = tiny_qwen2(seed=1), Engine(tiny_qwen2(seed=2), num_blocks=16, block_size=4, seed=0)
-    hub = InProcessHub(timeout_s=TIMEOUT_S)
-    receiver = WeightReceiver(hub.receiver())
-    pub = WeightPublisher(hub.sender())
+    sender, (dist_receiver,) = local_dist()
+    receiver = WeightReceiver(dist_receiver)
+    pub = WeightPublisher(sender)
     pub.publish(1, ((n, p.detach()) for n, p in trainer_model.named_parameters()))
     apply(receiver.wait_for(1, timeout=TIMEOUT_S), engine)
     assert engine.version == 1

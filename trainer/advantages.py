@@ -125,18 +125,6 @@ def gae_advantages(
     return adv, (adv + v) * m
 
 
-def shape_rewards(
-    rewards: Tensor, scale: float = 1.0, bias: float = 0.0, clip: float | None = None
-) -> Tensor:
-    """r' = clip((r + bias) · scale, −clip, +clip)   (clip None: no clipping)."""
-    out = (rewards.to(torch.float32) + bias) * scale
-    if clip is not None:
-        if clip <= 0:
-            raise ValueError("clip must be > 0")
-        out = out.clamp(-clip, clip)
-    return out
-
-
 def overlong_penalty(lengths: Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0) -> Tensor:
     """DAPO soft overlong punishment, added to the reward. lengths [B] (generated tokens).
 
@@ -165,20 +153,6 @@ def filter_uniform_groups(rewards: Tensor, atol: float = 0.0) -> Tensor:
         raise ValueError(f"rewards must be [G, n], got {tuple(rewards.shape)}")
     spread = rewards.max(dim=1).values - rewards.min(dim=1).values
     return spread > atol
-
-
-def compute_advantages(rewards: Tensor, cfg) -> Tensor:
-    """The critic-free group estimator named by `cfg.advantage` (TrainerConfig): [G, n] -> [G, n].
-
-    grpo / dr_grpo / rloo only; reinforce_pp and ppo_gae need token masks (and values), so the
-    train engine computes those from the batch (build the batch with advantages=None).
-    """
-    if cfg.advantage not in GROUP_METHODS:
-        raise ValueError(
-            f"compute_advantages handles {GROUP_METHODS}; advantage={cfg.advantage!r} is computed by the "
-            "train engine: build the batch with advantages=None"
-        )
-    return group_advantages(rewards, method=cfg.advantage)
 
 
 def grouped_advantages(rewards: Tensor, group_index: Tensor, method: str = "grpo") -> Tensor:
