@@ -187,10 +187,22 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build(cls, recipe_path: str | None = None, overrides: list[str] = ()) -> Any:
-    """Defaults <- recipe YAML <- overrides, checked key by key."""
+    """Defaults <- recipe YAML <- overrides, checked key by key.
+
+    `recipe_path` is a file, or the bare name of a bundled recipe (`math`, `math.yaml`). The
+    defaults' and a bundled recipe's `assets/...` paths name the bundled assets; a user's own
+    recipe and the overrides keep paths relative to the current directory (see areal/bundle.py).
+    """
+    from areal import bundle
+
     cfg = cls()
+    bundle.resolve_default_assets(cfg)
     if recipe_path:
-        _apply(cfg, load_yaml(recipe_path), "", f"recipe {recipe_path}", cls)
+        path = bundle.find_recipe(str(recipe_path))
+        values = load_yaml(path)
+        if bundle.is_bundled(path):
+            values = bundle.resolve_assets_in(values)
+        _apply(cfg, values, "", f"recipe {recipe_path}", cls)
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, _dotted_to_nested(key, value), "", f"override '{text}'", cls)

@@ -1,14 +1,18 @@
-"""`python -m areal.train recipe=PATH key=value ... [--help] [--dry-run]`"""
+"""`python -m areal.train recipe=PATH|NAME key=value ... [--help] [--dry-run]`
+
+NAME is a bundled recipe (`math` or `math.yaml`), found from any directory (areal/bundle.py).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+from areal.bundle import find_recipe
 from areal.config import ConfigError, build, help_text, to_yaml
 from areal.recipe import Recipe
 
-USAGE = "usage: python -m areal.train recipe=PATH [section.key=value ...] [--dry-run] [--help]"
+USAGE = "usage: python -m areal.train recipe=PATH|NAME [section.key=value ...] [--dry-run] [--help]"
 
 
 def print_help() -> None:
@@ -35,8 +39,9 @@ def parse_args(argv: list[str]) -> tuple[Recipe, str | None, bool]:
     recipe_path = None
     overrides = []
     for arg in pairs:
-        if arg.startswith("recipe="):
+        if arg.startswith("recipe="):  # a file, else a bundled recipe's bare name; run folders take its stem
             recipe_path = arg.split("=", 1)[1]
+            recipe_path = str(find_recipe(recipe_path)) if recipe_path else None
         else:
             overrides.append(arg)
     return build(Recipe, recipe_path, overrides), recipe_path, "--dry-run" in flags

@@ -145,3 +145,53 @@ def test_readme_config_reference_is_current():
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
     assert ref.current_block(ref.README.read_text()) == ref.render(), "run: python scripts/config_reference.py"
+
+
+# Bundled recipes by bare name, from any directory (areal/bundle.py).
+
+def test_bundled_recipe_by_bare_name_from_another_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from areal.bundle import bundle_root, bundled_recipes
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ or assets/ here
+    assert "math" in bundled_recipes()
+    by_name, by_file = build(Recipe, "math"), build(Recipe, "math.yaml")
+    assert by_name == by_file
+    assert by_name.trainer.steps == 300 and by_name.rollout.backend == "engine"  # the recipe's values
+    for path in (by_name.model.path, by_name.data.train_path, by_name.data.test_path):
+        assert Path(path).is_absolute() and Path(path).exists() and Path(path).is_relative_to(bundle_root() / "assets")
+    assert build(Recipe).model.path == by_name.model.path  # the built-in defaults name the same bundled model
+    assert main(["recipe=math", "trainer.steps=2", "--dry-run"]) == 0
+
+
+def test_unknown_recipe_name_lists_the_bundled_recipes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        build(Recipe, "maths")
+    msg = str(e.value)
+    assert "\n" not in msg and "maths" in msg and "bundled recipes: math" in msg
+    with pytest.raises(ConfigError, match=r"recipe file not found: conf/math.yaml \(bundled recipes: math"):
+        build(Recipe, "conf/math.yaml")  # an explicit path is never looked up by name
+    assert main(["recipe=maths", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bundled recipes: math" in err
+
+
+def test_user_recipe_paths_stay_relative_to_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "model:\n  path: assets/models/tiny-math\ntrainer:\n  steps: 5\n", name="math.yaml")
+    cfg = build(Recipe, "math.yaml")  # an existing file wins over the bundled name
+    assert cfg.trainer.steps == 5
+    assert cfg.model.path == "assets/models/tiny-math"  # a user's recipe: relative to the cwd, as written
+    assert build(Recipe, "math", ["data.train_path=assets/x.jsonl"]).data.train_path == "assets/x.jsonl"  # overrides too
+
+
+def test_bundled_recipe_from_the_checkout_root_reads_as_written(monkeypatch):
+    """From the root, the relative text already reaches the bundled files: configs and resume checks are unchanged."""
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cfg = build(Recipe, "recipes/math.yaml")
+    assert cfg.model.path == "assets/models/tiny-math" and cfg.data.train_path == "assets/data/arith/train.jsonl"
+    assert build(Recipe, "math") == cfg

@@ -1,0 +1,1 @@
+"""Launchers: place roles in processes (local, Ray, Slurm)."""
