@@ -1,21 +1,41 @@
-"""The asynchronous loop, trainer side: admit prompts, collect groups, train, publish.
+"""How one asynchronous step flows, across every process of a run.
 
-Generation never waits for training: rollout workers stream groups into the buffer while
-the trainer updates. Admission keeps every rollout within eta versions of the trainer
-(`areal.buffer.staleness`); weights go out in the background after each step, and held-out
-evaluation runs on the workers (`RemoteEvaluator`), never on the trainer's critical path.
+Processes (each started from a plain-data spec, `python -m areal.role SPEC.json`, by a launcher):
+    controller   areal/controller.py: places the run, binds the hub, starts the roles, watches them
+    trainer0     this file: admission, buffer, updates, weight publishing, evaluation, checkpoints
+    trainer1..   areal/roles.py: further data-parallel trainer ranks (trainer.world_size)
+    rollout0..   areal/roles.py + rollout/worker.py: engine + rewards
+Messages (typed, areal/messages.py) travel over one channel through the controller's hub
+(areal/channel.py); weights travel over torch.distributed broadcasts (areal/transport.py).
 
-A checkpoint is a consistent cut of this distributed state (Chandy-Lamport, with the
-trainer as initiator), taken by `AsyncLoop.capture()` right after an update:
+One step, as trainer0 sees it:
+  1. Dispatcher: while the staleness rule (areal/buffer/staleness.py) has room, admit prompts and
+     send them as a `PromptBatch` to a live worker (round-robin). The `Fleet` records what each
+     worker holds until its group comes back.
+  2. Workers generate continuously; each finished group comes back as `GroupDone`. The Collector
+     puts it in the buffer (which may filter it, e.g. uniform rewards), exactly once per group id.
+  3. AsyncLoop takes B groups from the buffer, sends them to the other trainer ranks (`TrainStep`),
+     and all ranks take the update together (areal/trainer/engine.py).
+  4. trainer0 publishes the new weights in the background (areal/trainer/weight_publisher.py);
+     workers apply them between two engine steps, never stopping generation for the transfer.
+  5. areal/driver.py logs the step, asks the workers for a held-out evaluation when due
+     (`RemoteEvaluator`, never on the trainer's path) and checkpoints when due (`capture`).
+
+Workers that die: the controller reports a `RoleLost`; the fleet re-issues what that worker held
+to the others (as `ResumeGroups`, ahead of newer prompts), re-forms the weight group without it,
+and again when a replacement says `WorkerReady`. A group that arrives twice is dropped; so the
+buffer's ledger holds: admitted = consumed + filtered + held (+ still running).
+
+A checkpoint is a consistent cut of this distributed state (Chandy-Lamport, trainer0 initiating),
+taken by `AsyncLoop.capture()` right after an update:
   1. with the dispatcher and the collector paused, record the data position, the admission
-     counters and the buffer's held groups, and send every worker a `SnapshotRequest`
-     (inboxes are FIFO, so each worker has received every prompt admitted before it);
-  2. each worker answers with its pending and in-flight groups (tokens so far), in its
-     outbox after every group it shipped before: the groups the collector receives from a
-     worker between step 1 and that worker's answer were in transit, and are recorded too.
-Resume puts held and in-transit groups back in the buffer and sends the in-flight ones to
-the workers (`ResumeGroups`), which continue them where they stopped; nothing admitted is
-lost or trained twice.
+     counters and the buffer's held groups, and send every live worker a `SnapshotRequest`
+     (messages between two processes stay in order, so each has every prompt admitted before it);
+  2. each worker answers with its pending and in-flight groups (tokens so far), after every group
+     it shipped before: groups received from a worker between step 1 and its answer were in
+     transit, and are recorded too. A worker lost meanwhile contributes what the fleet held for it.
+Resume puts held and in-transit groups back in the buffer and hands the in-flight ones to the
+workers (`ResumeGroups`), which continue them where they stopped; nothing is lost or trained twice.
 """
 
 from __future__ import annotations
@@ -30,9 +50,10 @@ from concurrent.futures import Future
 from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
-from areal.rollout.worker import EvalRequest, InFlightGroup, PromptBatch, ResumeGroups, SnapshotRequest
-from areal.trajectory import Group
+from areal.messages import (EvalRequest, EvalResult, GroupDone, InFlightGroup, PromptBatch, ResumeGroups, RoleLost,
+                            SnapshotRequest, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot, WorkerStats)
 from areal.trainer.batch import build_batch
+from areal.trajectory import Group
 
 
 def token_lags(groups, version: int) -> Counter:
@@ -40,26 +61,99 @@ def token_lags(groups, version: int) -> Counter:
     return Counter(version - v for g in groups for t in g.trajectories for v in t.versions)
 
 
-class Dispatcher(threading.Thread):
-    """Admits prompts under the staleness rule and hands them to rollout workers, round-robin."""
+def worker_rank(role: str) -> int:
+    return int(role.removeprefix("rollout"))
 
-    def __init__(self, staleness: StalenessController, sampler, inboxes, first_group_id: int = 0,
+
+class Fleet:
+    """The rollout workers as trainer0 sees them: which are live, what each was handed and has not
+    returned, and the weight-broadcast group over the live ones (re-formed on every change)."""
+
+    def __init__(self, endpoint, new_sender):
+        self.endpoint = endpoint
+        self.new_sender = new_sender  # num_receivers -> an areal.transport.DistSender on the chosen interface
+        self.live: list[int] = []  # ranks that said WorkerReady and have not been lost, ascending
+        self.held: dict[int, dict[int, InFlightGroup]] = {}  # rank -> group id -> group handed to it
+        self.generation = 0
+        self.turn = 0
+        self.duplicates = 0  # groups that came back twice (a lost worker's, re-issued and finished again)
+        self.lost = 0
+        self.lock = threading.RLock()
+
+    def send(self, rank: int, msg) -> None:
+        self.endpoint.send(f"rollout{rank}", msg)
+
+    def next_rank(self) -> int | None:
+        with self.lock:
+            if not self.live:
+                return None
+            self.turn += 1
+            return self.live[(self.turn - 1) % len(self.live)]
+
+    def hand(self, rank: int, groups: list[InFlightGroup], msg) -> None:
+        with self.lock:
+            self.held.setdefault(rank, {}).update({g.group_id: g for g in groups})
+            self.send(rank, msg)
+
+    def returned(self, group_id: int) -> bool:
+        """A finished group came back: True the first time (and it is no longer held), False for a duplicate."""
+        with self.lock:
+            for groups in self.held.values():
+                if groups.pop(group_id, None) is not None:
+                    return True
+            self.duplicates += 1
+            return False
+
+    def weight_group(self):
+        """A new sender for the live workers; each is told its rank in the new group."""
+        with self.lock:
+            self.generation += 1
+            sender = self.new_sender(len(self.live))
+            for i, rank in enumerate(self.live):
+                self.send(rank, WeightGroup(sender.address, i + 1, len(self.live) + 1, self.generation))
+            return sender
+
+    def join(self, rank: int) -> None:
+        with self.lock:
+            if rank not in self.live:
+                self.live = sorted(self.live + [rank])
+
+    def lose(self, rank: int) -> list[InFlightGroup]:
+        """`rank` died: it leaves the rotation; returns what it held (fresh: its partial tokens died with it)."""
+        with self.lock:
+            if rank in self.live:
+                self.live.remove(rank)
+                self.lost += 1
+            return [InFlightGroup(g.group_id, g.min_version, g.prompt) for g in self.held.pop(rank, {}).values()]
+
+
+class Dispatcher(threading.Thread):
+    """Admits prompts under the staleness rule and hands them to live rollout workers, round-robin."""
+
+    def __init__(self, staleness: StalenessController, sampler, fleet: Fleet, first_group_id: int = 0,
                  resumed: list[InFlightGroup] = (), worker_rng: dict | None = None):
         super().__init__(name="areal-dispatcher", daemon=True)
-        self.staleness, self.sampler, self.inboxes = staleness, sampler, inboxes
-        self.next_group_id, self.turn = first_group_id, 0
+        self.staleness, self.sampler, self.fleet = staleness, sampler, fleet
+        self.next_group_id = first_group_id
         self.resumed, self.worker_rng = list(resumed), worker_rng or {}
         self.lock = threading.Lock()  # a checkpoint cut holds it: no prompt leaves half-recorded
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
+    def reissue(self, groups: list[InFlightGroup]) -> None:
+        """Hand a lost worker's groups (or a checkpoint's) to the live workers, ahead of newer prompts."""
+        with self.lock:
+            live = list(self.fleet.live)
+            for i, rank in enumerate(live):
+                mine = groups[i::len(live)]
+                rng = self.worker_rng.pop(str(rank), None)
+                if mine or rng is not None:
+                    self.fleet.hand(rank, mine, ResumeGroups(mine, rng))
+
     def run(self) -> None:
         try:
             # a checkpoint's in-flight groups go first; their running slots are already counted
-            for rank, inbox in enumerate(self.inboxes):
-                mine = self.resumed[rank::len(self.inboxes)]
-                if mine or str(rank) in self.worker_rng:
-                    inbox.put(ResumeGroups(mine, self.worker_rng.get(str(rank))))
+            self.reissue(self.resumed)
             while not self.stop_event.is_set():
                 if not self.staleness.admit(timeout=0.05):
                     continue
@@ -70,42 +164,60 @@ class Dispatcher(threading.Thread):
                     ids = list(range(self.next_group_id, self.next_group_id + count))
                     self.next_group_id += count
                     prompts = [self.sampler.next()[1] for _ in ids]
-                    inbox = self.inboxes[self.turn % len(self.inboxes)]
-                    self.turn += 1
-                    inbox.put(PromptBatch(self.staleness.version, ids, prompts))
+                    rank = self.fleet.next_rank()
+                    while rank is None and not self.stop_event.is_set():  # every worker is being replaced
+                        time.sleep(0.1)
+                        rank = self.fleet.next_rank()
+                    version = self.staleness.version
+                    self.fleet.hand(rank, [InFlightGroup(g, version, p) for g, p in zip(ids, prompts)],
+                                    PromptBatch(version, ids, prompts))
         except BaseException as e:  # noqa: BLE001 - surfaced by the trainer loop
             self.error = e
 
 
 class RemoteEvaluator:
-    """Held-out evaluation on the rollout workers, so the trainer never stops for it: each worker
-    scores a shard of the test prompts with the weights of the requested step (its engine's
-    idle time); the Future resolves with the merged result once every shard is in."""
+    """Held-out evaluation on the rollout workers, so the trainer never stops for it: the test prompts
+    are split into one shard per live worker, each scored with the weights of the requested step; the
+    Future resolves with the merged result once every shard is in. A lost worker's shards go to another."""
 
-    def __init__(self, inboxes, prompts, max_new_tokens: int):
-        shards = [prompts[r::len(inboxes)] for r in range(len(inboxes))]
-        self.shards = [(inbox, shard) for inbox, shard in zip(inboxes, shards) if shard]  # the same every time
-        self.max_new_tokens = max_new_tokens
-        self._pending: dict[int, tuple[Future, list[dict], int]] = {}
+    def __init__(self, fleet: Fleet, prompts, max_new_tokens: int):
+        self.fleet, self.prompts, self.max_new_tokens = fleet, prompts, max_new_tokens
+        self._pending: dict[int, tuple[Future, dict[int, dict], dict[int, tuple[int, EvalRequest]]]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, step: int) -> Future:
         future: Future = Future()
+        live = list(self.fleet.live)
+        requests = {i: EvalRequest(step, self.prompts[i::len(live)], self.max_new_tokens, shard=i)
+                    for i in range(len(live)) if self.prompts[i::len(live)]}
         with self._lock:
-            self._pending[step] = (future, [], len(self.shards))
-        for inbox, shard in self.shards:
-            inbox.put(EvalRequest(step, shard, self.max_new_tokens))
+            self._pending[step] = (future, {}, {i: (live[i], r) for i, r in requests.items()})
+        for i, request in requests.items():
+            self.fleet.send(live[i], request)
         return future
 
     def deliver(self, result: dict) -> None:
-        """A worker's shard result (the Collector calls this)."""
+        """A worker's shard result (the Collector calls this); a shard answered twice counts once."""
         with self._lock:
-            future, parts, expected = self._pending[result["eval/step"]]
-            parts.append(result)
-            if len(parts) < expected:
+            step, shard = result["eval/step"], result.get("eval/shard", 0)
+            if step not in self._pending:
                 return
-            del self._pending[result["eval/step"]]
-        future.set_result(merge_eval_results(parts))
+            future, parts, asked = self._pending[step]
+            parts[shard] = result
+            if len(parts) < len(asked):
+                return
+            del self._pending[step]
+        future.set_result(merge_eval_results(list(parts.values())))
+
+    def lose(self, rank: int) -> None:
+        with self._lock:
+            for future, parts, asked in self._pending.values():
+                for shard, (owner, request) in list(asked.items()):
+                    if owner == rank and shard not in parts:
+                        other = self.fleet.next_rank()
+                        if other is not None:
+                            asked[shard] = (other, request)
+                            self.fleet.send(other, request)
 
 
 @dataclasses.dataclass
@@ -120,73 +232,98 @@ class _Cut:
 
 
 class Collector(threading.Thread):
-    """Moves finished groups from the rollout outbox into the buffer and evaluation results to the
-    evaluator; keeps each worker's last stats; records the rollout side of a checkpoint cut."""
+    """Reads trainer0's inbox: finished groups into the buffer (once each), evaluation shards to the
+    evaluator, worker stats, workers joining and lost; records the rollout side of a checkpoint cut."""
 
-    def __init__(self, outbox, buffer: TrajectoryBuffer, evaluator: RemoteEvaluator | None = None):
+    def __init__(self, endpoint, buffer: TrajectoryBuffer, fleet: Fleet, dispatcher: Dispatcher,
+                 evaluator: RemoteEvaluator, on_membership):
         super().__init__(name="areal-collector", daemon=True)
-        self.outbox, self.buffer, self.evaluator = outbox, buffer, evaluator
+        self.endpoint, self.buffer, self.fleet, self.dispatcher = endpoint, buffer, fleet, dispatcher
+        self.evaluator, self.on_membership = evaluator, on_membership
         self.worker_stats: dict[int, dict] = {}
-        self.lock = threading.Lock()  # a checkpoint cut holds it: no group is between outbox and buffer
+        self.lock = threading.Lock()  # a checkpoint cut holds it: no group is between inbox and buffer
         self._cut: _Cut | None = None
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
-    def start_cut(self, workers: int) -> Future:
+    def start_cut(self, workers: list[int]) -> Future:
         """Record the rollout side of a cut (call with `lock` held, before sending the requests);
         the Future resolves to {"rollout": ...} once every worker has answered."""
         if self._cut is not None:
             raise RuntimeError("a checkpoint cut is already being recorded")
-        self._cut = _Cut(set(range(workers)), [], [], {}, Future())
-        return self._cut.done
+        self._cut = _Cut(set(workers), [], [], {}, Future())
+        done = self._cut.done
+        self._finish_cut_if_done()  # no live worker: nothing to wait for
+        return done
 
-    def _record(self, kind: str, rank: int, payload) -> None:
+    def _finish_cut_if_done(self) -> None:
         cut = self._cut
-        if cut is None or rank not in cut.waiting:
-            return
-        if kind == "group":
-            cut.in_transit.append(payload)
-        elif kind == "snapshot":
-            cut.waiting.discard(rank)
-            cut.in_flight.extend(payload.groups)
-            cut.rng[str(rank)] = payload.rng_state
-            if not cut.waiting:
-                self._cut = None
-                cut.done.set_result({"rollout": {
-                    "in_transit": [g.to_dict() for g in cut.in_transit],
-                    "in_flight": [g.to_dict() for g in sorted(cut.in_flight, key=lambda g: g.group_id)],
-                    "worker_rng": cut.rng,
-                }})
+        if cut is not None and not cut.waiting:
+            self._cut = None
+            cut.done.set_result({"rollout": {
+                "in_transit": [g.to_dict() for g in cut.in_transit],
+                "in_flight": [g.to_dict() for g in sorted(cut.in_flight, key=lambda g: g.group_id)],
+                "worker_rng": cut.rng,
+            }})
+
+    def _handle(self, rank: int, msg) -> None:
+        cut = self._cut
+        if isinstance(msg, GroupDone):
+            if self.fleet.returned(msg.group.group_id):
+                if cut is not None and rank in cut.waiting:
+                    cut.in_transit.append(msg.group)
+                self.buffer.put(msg.group)  # never blocks for long: admission bounds what is held
+        elif isinstance(msg, WorkerSnapshot):
+            if cut is not None and rank in cut.waiting:
+                cut.waiting.discard(rank)
+                cut.in_flight.extend(msg.groups)
+                cut.rng[str(rank)] = msg.rng_state
+                self._finish_cut_if_done()
+        elif isinstance(msg, EvalResult):
+            self.evaluator.deliver(msg.result)
+        elif isinstance(msg, WorkerStats):
+            self.worker_stats[rank] = msg.stats
+        elif isinstance(msg, WorkerReady):
+            self.fleet.join(rank)
+            self.on_membership()
+        elif isinstance(msg, RoleLost) and msg.role.startswith("rollout"):
+            lost = worker_rank(msg.role)
+            groups = self.fleet.lose(lost)
+            if cut is not None and lost in cut.waiting:  # its share of the cut: what it held, from the start
+                cut.waiting.discard(lost)
+                cut.in_flight.extend(groups)
+                self._finish_cut_if_done()
+            self.on_membership()
+            self.dispatcher.reissue(groups)
+            self.evaluator.lose(lost)
 
     def run(self) -> None:
         try:
             while not self.stop_event.is_set():
                 try:
-                    kind, rank, payload = self.outbox.get(timeout=0.05)
+                    got = self.endpoint.recv(timeout=0.05)
                 except queue.Empty:
                     continue
+                rank = worker_rank(got.src) if got.src.startswith("rollout") else -1
                 with self.lock:
-                    self._record(kind, rank, payload)
-                    if kind == "group":
-                        self.buffer.put(payload)  # never blocks for long: admission bounds what is held
-                if kind == "eval":
-                    self.evaluator.deliver(payload)
-                elif kind == "stats":
-                    self.worker_stats[rank] = payload
+                    self._handle(rank, got.msg)
         except BaseException as e:  # noqa: BLE001
             self.error = e
 
 
 @dataclasses.dataclass
 class AsyncParts:
-    """What the async loop drives; built by the trainer role from the recipe."""
+    """What the async loop drives; built by trainer0 (areal/roles.py) from the recipe."""
 
     engine: object  # areal.trainer.engine.TrainEngine
     publisher: object  # areal.trainer.weight_publisher.WeightPublisher
     staleness: StalenessController
     buffer: TrajectoryBuffer
+    fleet: Fleet
     dispatcher: Dispatcher
     collector: Collector
+    endpoint: object  # areal.channel.Endpoint
+    trainer_ranks: int = 1
 
 
 class AsyncLoop:
@@ -205,9 +342,10 @@ class AsyncLoop:
             counters, held = p.buffer.snapshot()
             loop = {"sampler": p.dispatcher.sampler.state(), "next_group_id": p.dispatcher.next_group_id,
                     "admission": p.staleness.state(), "buffer": counters, "held": [g.to_dict() for g in held]}
-            rollout = p.collector.start_cut(len(p.dispatcher.inboxes))
-            for inbox in p.dispatcher.inboxes:
-                inbox.put(SnapshotRequest(p.staleness.version))
+            live = list(p.fleet.live)
+            rollout = p.collector.start_cut(live)
+            for rank in live:
+                p.fleet.send(rank, SnapshotRequest(p.staleness.version))
         return {"loop": loop}, [rollout]
 
     def __iter__(self):
@@ -215,42 +353,59 @@ class AsyncLoop:
         engine, staleness, buffer = parts.engine, parts.staleness, parts.buffer
         parts.publisher.publish(engine.version, engine.named_weights())  # the current version to every worker
         parts.dispatcher.start()
-        parts.collector.start()
         rollout_tokens_before = 0
         for step in range(self.first_step, trainer_cfg.steps + 1):
             t0 = time.perf_counter()
             groups = _get_batch(parts, trainer_cfg.batch_size, engine.version, self.timeout_s)
             groups.sort(key=lambda g: g.group_id)  # arrival order must not change the update
+            for k in range(1, parts.trainer_ranks):
+                parts.endpoint.send(f"trainer{k}", TrainStep(step, groups))
             t1 = time.perf_counter()
             lags = token_lags(groups, engine.version)
             metrics = engine.train_step(build_batch(groups, None, self.pad_token_id))
             staleness.set_version(engine.version)
             metrics["time/publish_snapshot_s"] = parts.publisher.publish(engine.version, engine.named_weights())
             t3 = time.perf_counter()
-            workers = list(parts.collector.worker_stats.values())
-            rollout_tokens = sum(w.get("generated_tokens", 0) for w in workers)
-            metrics.update({
-                "time/wait_for_batch_s": t1 - t0,
-                "time/step_s": t3 - t0,
-                "idle/trainer": (t1 - t0) / max(t3 - t0, 1e-9),
-                "staleness/lag_max": max(lags) if lags else 0,
-                "staleness/lag_mean": sum(k * c for k, c in lags.items()) / max(1, sum(lags.values())),
-                "staleness/lag_hist": [lags.get(k, 0) for k in range(max(lags) + 1)] if lags else [],
-                "buffer/held_groups": buffer.stats()["held_groups"],
-                "buffer/running_groups": staleness.running,
-                "rollout/new_tokens": rollout_tokens - rollout_tokens_before,
-                "rollout/tokens_per_s": (rollout_tokens - rollout_tokens_before) / max(t3 - t0, 1e-9),
-                "rollout/prefill_tokens_saved": sum(w.get("prefill_tokens_saved", 0) for w in workers),
-                "rollout/preemptions": sum(w.get("preemptions", 0) for w in workers),
-                "rollout/kv_blocks_used": sum(w.get("kv_blocks_used", 0) for w in workers),
-                "weights/pause_s_total": sum(w.get("pause_s", 0.0) for w in workers),
-                **{f"weights/pause_s_total_rollout{rank}": w.get("pause_s", 0.0) for rank, w in parts.collector.worker_stats.items()},
-                **{f"idle/rollout{rank}": _idle_fraction([w]) for rank, w in parts.collector.worker_stats.items()},
-                "idle/rollout": _idle_fraction(workers),
-                **_publisher_metrics(parts.publisher),
-            })
+            workers = dict(parts.collector.worker_stats)
+            rollout_tokens = sum(w.get("generated_tokens", 0) for w in workers.values())
+            metrics.update(step_metrics(t0, t1, t3, lags, buffer, staleness, parts.fleet, workers,
+                                        rollout_tokens - rollout_tokens_before, parts.publisher))
             rollout_tokens_before = rollout_tokens
             yield step, groups, metrics
+
+
+def step_metrics(t0, t1, t3, lags: Counter, buffer, staleness, fleet: Fleet, workers: dict[int, dict],
+                 new_tokens: int, publisher) -> dict:
+    """The async step's own metrics (the engine's train/* and the driver's reward/* come beside them)."""
+    busy = sum(w.get("busy_s", 0.0) for w in workers.values())
+    idle = sum(w.get("idle_s", 0.0) for w in workers.values())
+    last = publisher.history[-1] if publisher.history else None
+    stats = buffer.stats()
+    return {
+        "time/wait_for_batch_s": t1 - t0,
+        "time/step_s": t3 - t0,
+        "idle/trainer": (t1 - t0) / max(t3 - t0, 1e-9),
+        "idle/rollout": idle / (busy + idle) if busy + idle > 0 else 0.0,
+        "staleness/lag_max": max(lags) if lags else 0,
+        "staleness/lag_mean": sum(k * c for k, c in lags.items()) / max(1, sum(lags.values())),
+        "staleness/lag_hist": [lags.get(k, 0) for k in range(max(lags) + 1)] if lags else [],
+        "buffer/held_groups": stats["held_groups"],
+        "buffer/running_groups": staleness.running,
+        "buffer/filtered_groups": sum(stats["filtered"].values()),
+        "rollout/new_tokens": new_tokens,
+        "rollout/tokens_per_s": new_tokens / max(t3 - t0, 1e-9),
+        "rollout/prefill_tokens_saved": sum(w.get("prefill_tokens_saved", 0) for w in workers.values()),
+        "rollout/preemptions": sum(w.get("preemptions", 0) for w in workers.values()),
+        "rollout/kv_blocks_used": sum(w.get("kv_blocks_used", 0) for w in workers.values()),
+        "rollout/live_workers": len(fleet.live),
+        "rollout/workers_lost": fleet.lost,
+        "rollout/duplicate_groups": fleet.duplicates,
+        "weights/pause_s_total": sum(w.get("pause_s", 0.0) for w in workers.values()),
+        **{f"weights/pause_s_total_rollout{rank}": w.get("pause_s", 0.0) for rank, w in workers.items()},
+        **({} if last is None else {"weights/bytes": float(last.bytes), "weights/transfer_s": float(last.transfer_s),
+                                    "weights/coalesced_total": float(publisher.coalesced_total),
+                                    "weights/groups_formed": float(publisher.groups_formed)}),
+    }
 
 
 def _get_batch(parts: AsyncParts, size: int, version: int, timeout_s: float):
@@ -263,25 +418,9 @@ def _get_batch(parts: AsyncParts, size: int, version: int, timeout_s: float):
             return parts.buffer.get_batch(size, version, timeout=0.2)
         except TimeoutError:
             if time.monotonic() > deadline:
+                held = {f"rollout{r}": sorted(g) for r, g in parts.fleet.held.items() if g}
                 raise TimeoutError(
                     f"no batch of {size} groups within {timeout_s:.0f} s at version {version}; "
-                    f"buffer {parts.buffer.stats()}, admission {parts.staleness!r}"
+                    f"buffer {parts.buffer.stats()}, admission {parts.staleness!r}, live workers "
+                    f"{parts.fleet.live}, groups still out per worker {held}"
                 ) from None
-
-
-def _idle_fraction(workers: list[dict]) -> float:
-    busy = sum(w.get("busy_s", 0.0) for w in workers)
-    idle = sum(w.get("idle_s", 0.0) for w in workers)
-    return idle / (busy + idle) if busy + idle > 0 else 0.0
-
-
-def _publisher_metrics(publisher) -> dict[str, float]:
-    history = publisher.history
-    if not history:
-        return {}
-    last = history[-1]
-    return {
-        "weights/bytes": float(last.bytes),
-        "weights/transfer_s": float(last.transfer_s),
-        "weights/coalesced_total": float(publisher.coalesced_total),
-    }

@@ -216,6 +216,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def from_dict(cls, values: dict, source: str = "a resolved recipe") -> Any:
+    """The inverse of `to_dict`, checked key by key (a role rebuilds its recipe from its spec this way)."""
+    cfg = cls()
+    _apply(cfg, values, "", source, cls)
+    return cfg
+
+
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

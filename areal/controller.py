@@ -1,9 +1,15 @@
-"""The controller: wires the roles of an asynchronous run together and watches them.
+"""The controller of an asynchronous run: place it, start its roles, watch them, stop them.
 
-One process per role: a trainer (admission, buffer, updates, evaluation, logging) and
-`rollout.num_workers` rollout workers (engine + rewards). Weights go trainer -> workers over
-a torch.distributed broadcast; prompts and groups over launcher queues. A role that dies
-takes the run down with its traceback; Ctrl-C stops every role.
+It binds the hub (areal/channel.py) on the launcher's interface, writes one plain-data spec per
+role (areal/role.py) and has the launcher start them: `trainer.world_size` trainer ranks and
+`rollout.num_workers` rollout workers. Then it watches:
+  - trainer0's `RunFinished` ends the run; a `RoleError` from any role ends it with that error
+    (bad input as one line, anything else with the role's traceback);
+  - a rollout worker that dies is reported to trainer0 (`RoleLost`: it re-issues that worker's
+    prompts and re-forms the weight group) and restarted while `rollout.max_restarts` allows;
+  - a role not heard from for `run.role_timeout_s` is named: a trainer rank in the error that
+    ends the run, a rollout worker by being killed and replaced. A run never hangs silently.
+Ctrl-C stops every role; SIGTERM / SIGUSR1 are forwarded to trainer0, which checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -12,73 +18,164 @@ import queue
 import signal
 import time
 
+from areal.channel import Hub, new_secret
 from areal.checkpoint.session import Preempted
+from areal.config import ConfigError, to_dict
 from areal.console import console
-from areal.launcher import Launcher, LocalLauncher, RoleFailed, RoleSpec
-from areal.loop import RunResult, setup
+from areal.data import DataError
+from areal.driver import RunResult
+from areal.launchers import Launcher, RoleHandle, assign_devices
+from areal.messages import RoleError, RoleLost, RunFinished, Stop
 from areal.recipe import Recipe
-from areal.transport import free_port
+from areal.role import RoleSpec
+from areal.setup import place
+
+STARTUP_TIMEOUT_S = 900.0  # from process start to its first message (imports, CUDA init)
+BAD_INPUT = {"ConfigError": ConfigError, "DataError": DataError, "FileNotFoundError": FileNotFoundError}
+
+
+class RoleFailed(RuntimeError):
+    """A role died, failed or stopped answering; the message names it (with its traceback if any)."""
+
+
+def role_specs(recipe: Recipe, run_dir, checkpoint, hub_address: str, secret: str, bind_host: str) -> list[RoleSpec]:
+    common = dict(recipe=to_dict(recipe), run_dir=str(run_dir), hub=hub_address, secret=secret,
+                  checkpoint=str(checkpoint) if checkpoint else None, bind_host=bind_host)
+    trainers = [RoleSpec("trainer", r, num_threads=recipe.run.trainer_threads, **common)
+                for r in range(recipe.trainer.world_size)]
+    workers = [RoleSpec("rollout", r, num_threads=recipe.rollout.threads_per_worker, **common)
+               for r in range(recipe.rollout.num_workers)]
+    return trainers + workers
 
 
 def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launcher | None = None) -> RunResult:
-    s = setup(recipe, recipe_path, load_policy=False)  # validates every input before any process starts
-    launcher = launcher or LocalLauncher()
-    address = f"tcp://127.0.0.1:{free_port()}"
-    workers = recipe.rollout.num_workers
-    inboxes = [launcher.queue() for _ in range(workers)]
-    outbox, results = launcher.queue(), launcher.queue()
-    env = {"GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    specs = [RoleSpec("trainer", "areal.roles:trainer_role", dict(recipe=recipe, run_dir=str(s.run_dir), address=address,
-                                                                      inboxes=inboxes, outbox=outbox, results=results,
-                                                                      prompts=(s.train_prompts, s.test_prompts),
-                                                                      checkpoint=str(s.checkpoint) if s.checkpoint else None),
-                      env, recipe.run.trainer_threads)]
-    specs += [RoleSpec(f"rollout{r}", "areal.roles:rollout_role", dict(recipe=recipe, rank=r, address=address,
-                                                                         inbox=inboxes[r], outbox=outbox),
-                       env, recipe.rollout.threads_per_worker) for r in range(workers)]
-    console.print(f"[bold]areal[/bold] async run_dir={s.run_dir} eta={recipe.rollout.max_staleness} "
-                  f"rollout workers={workers} backend={recipe.rollout.backend}")
-    handles = [launcher.start(spec) for spec in specs]
-    # pre-emption: the trainer checkpoints at the end of its step, then the run stops (Preempted)
-    forward = lambda *_: handles[0].send_signal(signal.SIGUSR1)  # noqa: E731
+    run_dir, checkpoint = place(recipe, recipe_path)
+    if launcher is None:
+        import torch
+
+        from areal.launchers.local import LocalLauncher
+
+        names = [f"trainer{r}" for r in range(recipe.trainer.world_size)] + \
+                [f"rollout{r}" for r in range(recipe.rollout.num_workers)]
+        gpus = torch.cuda.device_count() if recipe.run.device != "cpu" else 0
+        launcher = LocalLauncher(assign_devices(names, gpus))
+    secret = new_secret()
+    hub = Hub(secret, launcher.bind_host)
+    specs = {s.name: s for s in role_specs(recipe, run_dir, checkpoint, hub.address, secret, launcher.bind_host)}
+    console.print(f"[bold]areal[/bold] async run_dir={run_dir} eta={recipe.rollout.max_staleness} "
+                  f"trainer ranks={recipe.trainer.world_size} rollout workers={recipe.rollout.num_workers} "
+                  f"backend={recipe.rollout.backend} hub={hub.address}")
+    watch = Watch(hub, launcher, specs, recipe)
+    # pre-emption: trainer0 checkpoints at the end of its step, then the run stops (Preempted)
+    forward = lambda *_: watch.handles["trainer0"].send_signal(signal.SIGUSR1)  # noqa: E731
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        summary = _watch(launcher, handles, results)
+        summary = watch.run()
         if "preempted_step" in summary:
             raise Preempted(summary["preempted_step"], summary["checkpoint"])
     except KeyboardInterrupt:
         console.print("[red]interrupted: stopping every role[/red]")
         raise
     finally:
-        for box in inboxes:
-            box.put(None)
-        for h in handles:
-            h.stop(timeout=10)
+        watch.stop_all()
+        hub.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return RunResult(s.run_dir, summary)
+    return RunResult(run_dir, summary)
 
 
-def _watch(launcher: Launcher, handles, results) -> dict:
-    """Wait for the trainer's summary; raise as soon as any role fails."""
-    while True:
-        try:
-            return results.get(timeout=0.2)
-        except queue.Empty:
-            pass
-        failures = launcher.failures()
-        if failures:
-            name, tb = failures[0]
-            raise RoleFailed(f"role '{name}' failed:\n{tb}")
-        for h in handles:
-            if not h.alive():
-                time.sleep(0.5)  # its traceback may still be in flight
-                failures = launcher.failures()
-                if failures:
-                    raise RoleFailed(f"role '{failures[0][0]}' failed:\n{failures[0][1]}")
-                if h.name == "trainer":
-                    try:
-                        return results.get(timeout=1.0)
-                    except queue.Empty:
-                        pass
-                raise RoleFailed(f"role '{h.name}' exited with code {h.exitcode()} before the run finished")
+class Watch:
+    """Starts the roles and follows them until trainer0's summary arrives (module docstring)."""
+
+    def __init__(self, hub: Hub, launcher: Launcher, specs: dict[str, RoleSpec], recipe: Recipe):
+        self.hub, self.launcher, self.specs, self.recipe = hub, launcher, specs, recipe
+        self.handles: dict[str, RoleHandle] = {}
+        self.started_at: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}
+        for name, spec in specs.items():
+            self._start(name)
+
+    def _start(self, name: str) -> None:
+        self.handles[name] = self.launcher.start(self.specs[name])
+        self.started_at[name] = time.monotonic()
+
+    def run(self) -> dict:
+        while True:
+            try:
+                got = self.hub.recv(timeout=0.2)
+            except queue.Empty:
+                got = None
+            if got is not None:
+                if isinstance(got.msg, RunFinished):
+                    return got.msg.summary
+                if isinstance(got.msg, RoleError):
+                    raise _failure(got.msg)
+            try:
+                for name, handle in list(self.handles.items()):
+                    if not handle.alive():
+                        self._died(name, f"exited with code {handle.exitcode()}")
+                    else:
+                        self._check_silence(name, handle)
+            except _Finished as done:
+                return done.summary
+
+    def _died(self, name: str, reason: str) -> None:
+        deadline = time.monotonic() + 1.0  # its own error report, or the summary, may still be on its way
+        while time.monotonic() < deadline:
+            try:
+                got = self.hub.recv(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(got.msg, RoleError):
+                raise _failure(got.msg)
+            if isinstance(got.msg, RunFinished):
+                raise _Finished(got.msg.summary)
+        if not name.startswith("rollout"):
+            raise RoleFailed(f"role '{name}' {reason} before the run finished")
+        self.hub.forget(name)
+        used = self.restarts.get(name, 0)
+        restarting = self.launcher.can_restart and used < self.recipe.rollout.max_restarts
+        console.print(f"[yellow]rollout worker '{name}' {reason}: its prompts go to the others"
+                      f"{'; restarting it' if restarting else ''}[/yellow]")
+        self.hub.send("trainer0", RoleLost(name, reason, restarting))
+        del self.handles[name]
+        if restarting:
+            self.restarts[name] = used + 1
+            self.specs[name].incarnation += 1
+            self._start(name)
+        elif not any(n.startswith("rollout") for n in self.handles):
+            raise RoleFailed(f"every rollout worker is gone (last: '{name}' {reason}; rollout.max_restarts="
+                             f"{self.recipe.rollout.max_restarts} used up)")
+
+    def _check_silence(self, name: str, handle: RoleHandle) -> None:
+        silent = self.hub.silent_for(name)
+        if silent is None:  # not connected yet
+            waited = time.monotonic() - self.started_at[name]
+            if waited > STARTUP_TIMEOUT_S:
+                raise RoleFailed(f"role '{name}' started {waited:.0f} s ago and never connected to the hub")
+            return
+        if silent <= self.recipe.run.role_timeout_s:
+            return
+        reason = f"stopped answering (nothing heard for {silent:.0f} s, run.role_timeout_s={self.recipe.run.role_timeout_s:g})"
+        if not name.startswith("rollout"):
+            raise RoleFailed(f"role '{name}' {reason}")
+        handle.send_signal(signal.SIGKILL)  # replaced like a worker that died
+        handle.stop(timeout=5)
+        self._died(name, reason)
+
+    def stop_all(self) -> None:
+        for name in self.handles:
+            self.hub.send(name, Stop("run over"))
+        for handle in self.handles.values():
+            handle.stop(timeout=10)
+
+
+class _Finished(Exception):
+    def __init__(self, summary: dict):
+        self.summary = summary
+
+
+def _failure(err: RoleError) -> Exception:
+    if err.kind in BAD_INPUT:  # bad input: one clear line, as in a single-process run
+        return BAD_INPUT[err.kind](err.message)
+    return RoleFailed(f"role '{err.role}' failed:\n{err.traceback}")

@@ -32,7 +32,7 @@ def merge_eval_results(parts: list[dict[str, float]]) -> dict[str, float]:
     """Shards of one evaluation (one per rollout worker) -> the whole: means weighted by prompt
     count, seconds = the slowest shard (they run in parallel), other keys from the first shard."""
     total = sum(p["eval/num_prompts"] for p in parts)
-    merged = dict(parts[0])
+    merged = {k: v for k, v in parts[0].items() if k != "eval/shard"}
     for key in ("eval/accuracy", "eval/reward_mean", "eval/response_length"):
         merged[key] = sum(p[key] * p["eval/num_prompts"] for p in parts) / max(1, total)
     merged["eval/num_prompts"] = total

@@ -33,6 +33,9 @@ class RunConfig:
     )
     trainer_threads: int = option(1, "async mode: torch threads of the trainer process.")
     device: str = option("auto", "auto = cuda when available, else cpu.", choices=("auto", "cpu", "cuda"))
+    role_timeout_s: float = option(
+        120.0, "async mode: a role not heard from for this long (every role sends a heartbeat each second) is "
+        "named in an error; a silent rollout worker is killed and replaced instead.")
     eval_every: int = option(20, "Evaluate held-out greedy accuracy every N steps (and at start and end).")
 
 
@@ -68,5 +71,16 @@ class Recipe:
             raise ConfigError(
                 f"trainer.minibatches: {self.trainer.minibatches} must divide trainer.batch_size={self.trainer.batch_size}"
             )
+        tr = self.trainer
+        if tr.world_size < 1:
+            raise ConfigError(f"trainer.world_size: must be >= 1, got {tr.world_size}")
+        if tr.world_size > 1 and self.run.mode != "async":
+            raise ConfigError("trainer.world_size: several trainer ranks need run.mode=async")
+        sharded = tr.backend == "deepspeed" and tr.zero_stage >= 1
+        if tr.world_size > 1 and sharded and (tr.zero_stage == 3 or self.checkpoint.every_steps or self.checkpoint.every_seconds):
+            raise ConfigError(
+                f"trainer.world_size={tr.world_size} with ZeRO stage {tr.zero_stage}: per-rank checkpoint shards and "
+                "the ZeRO-3 export gather from several trainer processes are not supported yet; use trainer.backend=torch "
+                "(DDP), or ZeRO 1-2 with checkpoint.every_steps=0 checkpoint.every_seconds=0")
         if self.reward.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s: must be > 0, got {self.reward.timeout_s}")

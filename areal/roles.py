@@ -1,65 +1,116 @@
-"""What each process of an asynchronous run executes. Launchers start these by import path."""
+"""What each process of an asynchronous run does, whoever started it (areal/role.py runs these).
+
+    trainer_main, rank 0    admission, buffer, updates, publishing, evaluation, checkpoints
+                            (the loop itself: areal/async_loop.py)
+    trainer_main, rank k    a data-parallel trainer rank: trains every `TrainStep` it is handed
+    rollout_main            engine + rewards: serves prompts until told to stop (rollout/worker.py)
+"""
 
 from __future__ import annotations
 
-import signal
+import queue
+import time
+from datetime import timedelta
 from pathlib import Path
 
+from areal.channel import CONTROLLER, Endpoint
+from areal.config import from_dict
 from areal.console import console
+from areal.messages import RoleLost, RunFinished, Stop, TrainerGroup, TrainStep, WorkerReady
 from areal.recipe import Recipe
+from areal.role import RoleSpec
+
+STARTUP_TIMEOUT_S = 900.0  # loading a large model on every worker can take minutes
 
 
-def rollout_role(recipe: Recipe, rank: int, address: str, inbox, outbox) -> None:
-    """Engine + rewards; serves admitted prompts until the inbox says stop."""
-    from areal.loop import make_backend, make_reward_pool, sampling_params
+def _recipe(spec: RoleSpec) -> Recipe:
+    recipe = from_dict(Recipe, spec.recipe, f"role spec of {spec.name}")
+    recipe.validate()
+    return recipe
+
+
+def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) -> None:
+    """The trainer ranks' own process group: trainer0 hosts its store on the chosen interface (port
+    chosen by the OS) and sends the real address to the other ranks."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=STARTUP_TIMEOUT_S)
+    if spec.rank == 0:
+        store = dist.TCPStore(spec.bind_host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+        for k in range(1, world_size):
+            endpoint.send(f"trainer{k}", TrainerGroup(f"tcp://{spec.bind_host}:{store.port}", world_size))
+    else:
+        msg = _wait_for(endpoint, TrainerGroup, STARTUP_TIMEOUT_S, "trainer0's process group address")
+        host, port = msg.address.removeprefix("tcp://").rsplit(":", 1)
+        store = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size, timeout=timeout)
+
+
+def _wait_for(endpoint: Endpoint, kind, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            got = endpoint.recv(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            raise TimeoutError(f"{endpoint.name}: no {what} within {timeout_s:.0f} s") from None
+        if isinstance(got.msg, kind):
+            return got.msg
+        if isinstance(got.msg, Stop):
+            raise SystemExit(0)
+
+
+def trainer_main(spec: RoleSpec, endpoint: Endpoint) -> None:
+    recipe = _recipe(spec)
+    world_size = recipe.trainer.world_size
+    if world_size > 1:
+        from areal.runtime import pick_device
+
+        _trainer_group(spec, endpoint, world_size, pick_device(recipe.run.device))
+    if spec.rank == 0:
+        _lead(spec, endpoint, recipe)
+    else:
+        _follow(spec, endpoint, recipe)
+
+
+def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
+    """Rank k > 0: the same engine, the same checkpoint; trains each `TrainStep` trainer0 hands it."""
+    from areal.checkpoint.session import load_checkpoint
     from areal.model import load_model, load_tokenizer
-    from areal.rollout.weight_receiver import WeightReceiver
-    from areal.rollout.worker import RolloutWorker
-    from areal.runtime import pick_device
-    from areal.transport import DistReceiver
+    from areal.runtime import pick_device, seed_everything
+    from areal.setup import build_train_engine
+    from areal.trainer.batch import build_batch
 
-    # pre-emption is the trainer's to handle (it checkpoints, then the controller stops everyone):
-    # a signal sent to the whole process group must not kill a worker before it reports its state
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.model)
-    backend = make_backend(recipe, load_model(recipe.model, pick_device(recipe.run.device)), tokenizer, version=-1)
-    receiver = WeightReceiver(DistReceiver(address, rank=rank + 1, num_receivers=recipe.rollout.num_workers))
-    tagged = _Tagged(outbox, rank)
-    try:
-        with make_reward_pool(recipe) as pool:
-            worker = RolloutWorker(backend, pool, tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
-            worker.serve(inbox, tagged, receiver, mode=recipe.rollout.weight_update_mode)
-    finally:
-        receiver.close()
+    engine = build_train_engine(recipe, load_model(recipe.model, pick_device(recipe.run.device)))
+    if spec.checkpoint:  # the torch backend's state is whole on every rank: rank 0's file serves all
+        restored = load_checkpoint(Path(spec.checkpoint))
+        engine.load_checkpoint_state(restored.tensors, restored.state["trainer"])
+    gathers = recipe.trainer.backend == "deepspeed" and recipe.trainer.zero_stage == 3
+    while True:
+        msg = _wait_for(endpoint, TrainStep, float("inf"), "training step")
+        engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id))
+        if gathers:  # trainer0 gathers the full weights to publish them: a collective every rank joins
+            for _ in engine.named_weights():
+                pass
 
 
-class _Tagged:
-    """An outbox that stamps each message with the worker's rank."""
-
-    def __init__(self, outbox, rank: int):
-        self.outbox, self.rank = outbox, rank
-
-    def put(self, item) -> None:
-        kind, payload = item
-        self.outbox.put((kind, self.rank, payload))
-
-
-def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, results, prompts=None,
-                 checkpoint: str | None = None) -> None:
-    """Admission, buffer, updates, weight publishing, evaluation, checkpoints and logging."""
-    from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, RemoteEvaluator
+def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
+    """Rank 0: build the parts (restoring a checkpoint's cut), wait for the workers, drive the loop."""
+    from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, Fleet, RemoteEvaluator, worker_rank
     from areal.buffer.staleness import StalenessController
     from areal.buffer.trajectory_buffer import TrajectoryBuffer
     from areal.checkpoint.session import Preempted
     from areal.data import PromptSampler
-    from areal.loop import drive, new_train_engine, open_session, setup
-    from areal.rollout.worker import InFlightGroup
+    from areal.driver import drive
+    from areal.messages import InFlightGroup
+    from areal.setup import new_train_engine, open_session, setup
     from areal.trainer.weight_publisher import WeightPublisher
     from areal.trajectory import Group
     from areal.transport import DistSender
 
-    s = setup(recipe, run_dir=Path(run_dir), prompts=prompts, checkpoint=Path(checkpoint) if checkpoint else None)
+    s = setup(recipe, run_dir=Path(spec.run_dir), checkpoint=Path(spec.checkpoint) if spec.checkpoint else None)
     ro, tr = recipe.rollout, recipe.trainer
     engine = new_train_engine(s)
     session, restored = open_session(s, engine)
@@ -79,14 +130,40 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
         buffer.restore(loop["buffer"], held)
         for group in in_transit:
             buffer.put(group)
-    publisher = WeightPublisher(DistSender(num_receivers=ro.num_workers, address=address))
-    evaluator = RemoteEvaluator(inboxes, s.test_prompts, ro.eval_max_new_tokens)
-    parts = AsyncParts(engine, publisher, staleness, buffer,
-                       Dispatcher(staleness, sampler, inboxes, first_group_id, in_flight, worker_rng),
-                       Collector(outbox, buffer, evaluator))
+
+    def new_sender(num_receivers: int) -> DistSender:  # the weight group's store, on the launcher's interface
+        return DistSender(num_receivers, address=f"tcp://{spec.bind_host}:0", device=s.device, timeout_s=60.0,
+                          connect_timeout_s=recipe.run.role_timeout_s)
+
+    publisher = None
+
+    def membership_changed() -> None:  # a worker joined or was lost: the weight group re-forms over the live ones
+        if publisher is not None:
+            publisher.reform(fleet.weight_group())
+
+    fleet = Fleet(endpoint, new_sender)
+    dispatcher = Dispatcher(staleness, sampler, fleet, first_group_id, in_flight, worker_rng)
+    evaluator = RemoteEvaluator(fleet, s.test_prompts, ro.eval_max_new_tokens)
+    collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, membership_changed)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while len(fleet.live) < ro.num_workers:  # every worker loaded its model: form the first weight group
+        try:
+            got = endpoint.recv(timeout=1.0)
+        except queue.Empty:
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(ro.num_workers)) - set(fleet.live))
+                raise TimeoutError(f"rollout workers {missing} did not start within {STARTUP_TIMEOUT_S:.0f} s") from None
+            continue
+        if isinstance(got.msg, RoleLost):
+            fleet.lose(worker_rank(got.msg.role))
+        else:
+            collector._handle(worker_rank(got.src) if got.src.startswith("rollout") else -1, got.msg)
+    publisher = WeightPublisher(fleet.weight_group())
+    collector.start()
+    parts = AsyncParts(engine, publisher, staleness, buffer, fleet, dispatcher, collector, endpoint, tr.world_size)
 
     def extra():
-        workers = parts.collector.worker_stats.values()
+        workers = collector.worker_stats.values()
         failures: dict[str, int] = {}
         for w in workers:
             for k, v in w.get("reward_failures", {}).items():
@@ -98,6 +175,9 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
             "admission": staleness.state(),
             "max_version_lag": buffer.stats()["consumed_max_lag"],
             "eta": ro.max_staleness,
+            "trainer_ranks": tr.world_size,
+            "rollout_workers_lost": fleet.lost,
+            "duplicate_groups": fleet.duplicates,
         }
 
     loop = AsyncLoop(parts, tr, s.tokenizer.pad_token_id, timeout_s=600.0, first_step=(restored.step + 1) if restored else 1)
@@ -106,11 +186,67 @@ def trainer_role(recipe: Recipe, run_dir: str, address: str, inboxes, outbox, re
     except Preempted as e:
         summary = {"preempted_step": e.step, "checkpoint": e.path}
     finally:
-        parts.dispatcher.stop_event.set()
-        parts.collector.stop_event.set()
-        for box in inboxes:
-            box.put(None)
+        dispatcher.stop_event.set()
+        collector.stop_event.set()
         buffer.close()
         publisher.close()
-    results.put(summary)
+    endpoint.send(CONTROLLER, RunFinished(summary))
     console.print(f"trainer done: {summary.get('steps', summary.get('preempted_step'))} steps")
+
+
+def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
+    """Engine + rewards: says WorkerReady once its model is loaded, then serves until Stop."""
+    import signal
+
+    from areal.messages import WeightGroup
+    from areal.model import load_model, load_tokenizer
+    from areal.rollout.weight_receiver import WeightReceiver
+    from areal.rollout.worker import RolloutWorker
+    from areal.runtime import pick_device
+    from areal.setup import make_backend, make_reward_pool, sampling_params
+    from areal.transport import DistReceiver
+
+    # pre-emption is the trainer's to handle (it checkpoints, then the controller stops everyone):
+    # a signal sent to the whole process group must not kill a worker before it reports its state
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    recipe = _recipe(spec)
+    device = pick_device(recipe.run.device)
+    tokenizer = load_tokenizer(recipe.model)
+    backend = make_backend(recipe, load_model(recipe.model, device), tokenizer, version=-1)
+
+    class Inbox:  # serve() reads messages; Stop ends it
+        @staticmethod
+        def get(timeout: float):
+            msg = endpoint.recv(timeout=timeout).msg
+            return None if isinstance(msg, Stop) else msg
+
+        @staticmethod
+        def get_nowait():
+            return Inbox.get(0.0) if not endpoint.inbox.empty() else _raise_empty()
+
+    class Outbox:
+        @staticmethod
+        def put(msg) -> None:
+            endpoint.send("trainer0", msg)
+
+    with make_reward_pool(recipe) as pool:
+        worker = RolloutWorker(backend, pool, tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
+
+        def on_control(msg) -> None:
+            if isinstance(msg, WeightGroup):  # the group re-formed (a worker died or joined): leave the old one
+                if worker.receiver is not None:
+                    worker.receiver.abandon()
+                worker.receiver = WeightReceiver(DistReceiver(msg.address, msg.rank, msg.world_size - 1, device=device,
+                                                              timeout_s=60.0, connect_timeout_s=recipe.run.role_timeout_s))
+
+        endpoint.send("trainer0", WorkerReady(spec.rank, spec.incarnation))
+        try:
+            worker.serve(Inbox, Outbox, mode=recipe.rollout.weight_update_mode, on_control=on_control)
+        finally:
+            if worker.receiver is not None:
+                worker.receiver.abandon()
+
+
+def _raise_empty():
+    raise queue.Empty

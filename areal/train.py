@@ -47,6 +47,32 @@ def parse_args(argv: list[str]) -> tuple[Recipe, str | None, bool]:
     return build(Recipe, recipe_path, overrides), recipe_path, "--dry-run" in flags
 
 
+def train(recipe: Recipe, recipe_path: str | None = None):
+    """Run a recipe in its mode, write summary.json and print the held-out accuracy before and after."""
+    import json
+    import time
+
+    from areal.console import console
+
+    start = time.perf_counter()
+    if recipe.run.mode == "sync":
+        from areal.sync_loop import train_sync
+
+        result = train_sync(recipe, recipe_path)
+    else:
+        from areal.controller import train_async
+
+        result = train_async(recipe, recipe_path)
+    sm = result.summary
+    sm["wall_seconds"] = time.perf_counter() - start  # everything: loading, processes, evaluation
+    (result.run_dir / "summary.json").write_text(json.dumps(sm, indent=2))
+    console.print(
+        f"[bold]held-out accuracy {sm['eval_accuracy_initial']:.3f} -> {sm['eval_accuracy_final']:.3f}[/bold] "
+        f"in {sm['wall_seconds']:.0f} s ({sm['steps']} steps, {sm['mode']}); run_dir={result.run_dir}"
+    )
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--help" in argv or "-h" in argv:
@@ -63,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=recipe.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from areal.checkpoint.session import PREEMPTED_EXIT_CODE, Preempted
     from areal.data import DataError
-    from areal.loop import train
 
     try:
         train(recipe, recipe_path)

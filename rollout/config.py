@@ -37,5 +37,8 @@ class RolloutConfig:
     max_concurrent: int = option(64, "Cap on groups generating at once (across all rollout workers).")
     num_workers: int = option(1, "Rollout worker processes (async mode).")
     threads_per_worker: int = option(1, "torch threads of each rollout worker process (async mode).")
+    max_restarts: int = option(
+        3, "A rollout worker that dies is restarted this many times in all (by launchers that can); meanwhile "
+        "its prompts are re-issued to the others and the run goes on.")
     kv_blocks: int = option(2048, "Engine: KV-cache blocks per worker (the memory bound).")
     kv_block_size: int = option(16, "Engine: tokens per KV-cache block.")

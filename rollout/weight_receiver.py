@@ -129,6 +129,16 @@ class WeightReceiver:
         self._thread.join(timeout)
         self.transport.close()
 
+    def abandon(self, wait_s: float = 0.5) -> None:
+        """Leave for a re-formed group without waiting on this one: the thread may be blocked in a
+        broadcast the sender gave up on (a member died); it ends on the transfer timeout by itself."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        self._thread.join(wait_s)
+        if not self._thread.is_alive():
+            self.transport.close()
+
     @property
     def peer_closed(self) -> bool:
         """The publisher closed the channel; an update already received may still be waiting in poll()."""

@@ -53,6 +53,13 @@ class PromptBatch:
     group_ids: list[int]
     prompts: list[Prompt]
 
+    def to_dict(self) -> dict:
+        return dict(min_version=self.min_version, group_ids=list(self.group_ids), prompts=[p.to_dict() for p in self.prompts])
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptBatch":
+        return cls(int(d["min_version"]), [int(g) for g in d["group_ids"]], [Prompt.from_dict(p) for p in d["prompts"]])
+
 
 @dataclass
 class EvalRequest:
@@ -61,6 +68,16 @@ class EvalRequest:
     version: int
     prompts: list[Prompt]
     max_new_tokens: int
+    shard: int = 0  # which part of the test set, echoed as eval/shard
+
+    def to_dict(self) -> dict:
+        return dict(version=self.version, prompts=[p.to_dict() for p in self.prompts], max_new_tokens=self.max_new_tokens,
+                    shard=self.shard)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalRequest":
+        return cls(int(d["version"]), [Prompt.from_dict(p) for p in d["prompts"]], int(d["max_new_tokens"]),
+                   int(d.get("shard", 0)))
 
 
 @dataclass
@@ -134,6 +151,45 @@ class ResumeGroups:
 
 
 @dataclass
+class GroupDone:
+    """Outbox: a finished, rewarded group."""
+
+    group: Group
+
+    def to_dict(self) -> dict:
+        return {"group": self.group.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GroupDone":
+        return cls(Group.from_dict(d["group"]))
+
+
+@dataclass
+class EvalResult:
+    """Outbox: this worker's shard of a held-out evaluation (areal.evaluate metrics plus eval/step)."""
+
+    result: dict
+
+
+@dataclass
+class WorkerStats:
+    """Outbox: running totals (engine counters, pauses, busy/idle seconds, reward failures)."""
+
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class WeightGroup:
+    """Join weight-broadcast group `generation` at `address` as `rank` (1..world_size-1; rank 0 sends).
+    The trainer re-forms the group, with a new generation, whenever a worker dies or joins."""
+
+    address: str
+    rank: int
+    world_size: int
+    generation: int
+
+
+@dataclass
 class _Running:
     """A group started on the backend: its samples so far and the engine request producing the rest."""
 
@@ -182,6 +238,7 @@ class RolloutWorker:
         self.params, self.base_seed = params, base_seed
         self.streaming = hasattr(backend, "add_request")
         self.reward_failures: dict[str, int] = {}
+        self.receiver = None  # a rollout.weight_receiver.WeightReceiver; serve() applies its updates
 
     @property
     def version(self) -> int:
@@ -259,7 +316,7 @@ class RolloutWorker:
         from areal.evaluate import evaluate
 
         result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
-        return {**result, "eval/step": request.version, "eval/version": self.backend.version}
+        return {**result, "eval/step": request.version, "eval/version": self.backend.version, "eval/shard": request.shard}
 
     def _snapshot(self, step: int, in_flight, pending) -> WorkerSnapshot:
         """Every admitted group not yet shipped, as of now (reads only: generation goes on untouched)."""
@@ -272,20 +329,24 @@ class RolloutWorker:
             set_rng_state(self.backend, msg.rng_state)
         pending.extendleft(reversed(msg.groups))
 
-    def serve(self, inbox, outbox, receiver=None, mode: str = "keep", stats_every_s: float = 0.2) -> None:
+    def serve(self, inbox, outbox, mode: str = "keep", on_control=None, stats_every_s: float = 0.2) -> None:
         """Streaming loop: start admitted prompts, step the engine, ship each group as it completes.
 
-        inbox yields `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and `ResumeGroups`, finally
-        None; outbox receives ("group", Group), ("eval", dict), ("snapshot", WorkerSnapshot) and
-        ("stats", dict). Weight updates are applied between two engine steps.
+        inbox.get(timeout) / get_nowait() yield `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and
+        `ResumeGroups`, and finally None (stop at once: the trainer needs nothing more); anything else goes
+        to `on_control` (a new weight group, which swaps `self.receiver`). outbox.put() receives
+        `GroupDone`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
+        are applied between two engine steps; nothing here blocks for long, so control messages are
+        always read (an evaluation waiting for newer weights waits in `evals`, not in a call).
         """
         from areal.rollout.weight_receiver import apply
 
         engine = self.backend
         pending: deque[InFlightGroup] = deque()  # admitted, waiting for weights of their min_version
+        evals: deque[EvalRequest] = deque()  # waiting for weights of their version
         in_flight: dict[int, _Running] = {}  # started, by group id, in start order
         done: list[int] = []
-        stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
+        pause_s, updates, last_stats = 0.0, 0, time.perf_counter()
         busy_s, idle_s = 0.0, 0.0
 
         def take(update) -> None:  # apply a received update between two engine steps, and count it
@@ -303,40 +364,44 @@ class RolloutWorker:
         def ship(group_id: int) -> None:
             running = in_flight.pop(group_id)
             outs = sorted(running.outputs, key=lambda o: o.sample_index)
-            outbox.put(("group", self.make_group(group_id, running.group.prompt, outs)))
+            outbox.put(GroupDone(self.make_group(group_id, running.group.prompt, outs)))
 
-        while not (stopping and not pending and not in_flight):
+        while True:
             t0 = time.perf_counter()
+            receiver = self.receiver
             take(receiver.poll() if receiver is not None else None)
             idle = not (self.streaming and engine.has_unfinished())
             try:
-                msg = inbox.get(timeout=0.02) if idle and not pending else inbox.get_nowait()
+                msg = inbox.get(timeout=0.02) if idle and not pending and not evals else inbox.get_nowait()
             except queue.Empty:
                 msg = False
             if msg is None:
-                stopping = True
+                return
             elif isinstance(msg, EvalRequest):
-                if engine.version < msg.version and receiver is not None:
-                    take(receiver.wait_for(msg.version, timeout=600.0))
-                outbox.put(("eval", self.evaluate(msg)))
+                evals.append(msg)
             elif isinstance(msg, SnapshotRequest):
-                outbox.put(("snapshot", self._snapshot(msg.step, in_flight.values(), pending)))
+                outbox.put(self._snapshot(msg.step, in_flight.values(), pending))
             elif isinstance(msg, ResumeGroups):
                 self._resume(msg, pending)
-            elif msg:
+            elif isinstance(msg, PromptBatch):
                 pending.extend(InFlightGroup(g, msg.min_version, p) for g, p in zip(msg.group_ids, msg.prompts))
-            if pending and pending[0].min_version > engine.version and idle and receiver is not None:
-                try:  # eta=0 or a fast worker: the admitted prompts need weights not yet here
-                    take(receiver.wait_for(pending[0].min_version, timeout=0.05))
+            elif msg is not False and on_control is not None:
+                on_control(msg)
+            wanted = min([e.version for e in evals] + [pending[0].min_version] if pending else [], default=None)
+            if wanted is not None and wanted > engine.version and idle and receiver is not None:
+                try:  # eta=0, a fast worker or an evaluation: waiting for weights not yet here
+                    take(receiver.wait_for(wanted, timeout=0.05))
                 except TimeoutError:
                     pass
+            while evals and evals[0].version <= engine.version:
+                outbox.put(EvalResult(self.evaluate(evals.popleft())))
             ready: list[InFlightGroup] = []
             while pending and pending[0].min_version <= engine.version:
                 ready.append(pending.popleft())
             if ready and not self.streaming:  # a static-batch backend (HF generate): one batch at a time
                 groups, _ = self.rollout([r.prompt for r in ready], [r.group_id for r in ready])  # resumed: whole
                 for group in groups:
-                    outbox.put(("group", group))
+                    outbox.put(GroupDone(group))
                 ready = []
             for group in ready:
                 g = group.group_id
@@ -350,7 +415,7 @@ class RolloutWorker:
             done.clear()
             spent = time.perf_counter() - t0
             busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)
-            if time.perf_counter() - last_stats > stats_every_s or (stopping and not in_flight and not pending):
+            if time.perf_counter() - last_stats > stats_every_s:
                 last_stats = time.perf_counter()
-                outbox.put(("stats", {**engine.stats(), "pause_s": pause_s, "weight_updates": updates,
-                                      "busy_s": busy_s, "idle_s": idle_s, "reward_failures": dict(self.reward_failures)}))
+                outbox.put(WorkerStats({**engine.stats(), "pause_s": pause_s, "weight_updates": updates,
+                                        "busy_s": busy_s, "idle_s": idle_s, "reward_failures": dict(self.reward_failures)}))

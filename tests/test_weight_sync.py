@@ -459,7 +459,7 @@ def test_dead_receiver_surfaces_an_error_instead_of_hanging(pool):
     # the last test to use the pool: it kills one of its processes (the fixture reaps the rest)
     sender = DistSender(num_receivers=2, timeout_s=5, connect_timeout_s=TIMEOUT_S * 2)
     procs, results = pool.run(sender, "hold", None)
-    pub = WeightPublisher(sender, bucket_mb=0.1)
+    pub = WeightPublisher(sender, bucket_mb=0.1, reform_wait_s=0.0)  # nobody re-forms the group here
     try:
         pub.publish(1, make_weights(1))
         _collect(procs, results, kind="ack", n=2)

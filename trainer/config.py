@@ -104,4 +104,7 @@ class TrainerConfig:
         choices=("torch", "deepspeed"),
     )
     zero_stage: int = option(2, "DeepSpeed ZeRO stage 0-3 (backend=deepspeed).", choices=(0, 1, 2, 3))
+    world_size: int = option(
+        1, "Trainer ranks (async mode), data-parallel under `backend` (DDP or ZeRO; gloo on CPU, NCCL on GPU). "
+        "Rank 0 owns admission and the buffer and hands every rank the step's groups; rank 0 publishes weights.")
     offload_optimizer: bool = option(False, "DeepSpeed: keep optimizer state on the CPU (ZeRO-Offload).")

@@ -51,8 +51,11 @@ class _Snapshot:
 
 
 class WeightPublisher:
-    def __init__(self, transport: SenderTransport, bucket_mb: float = 256.0, device: str | torch.device | None = None):
+    def __init__(self, transport: SenderTransport, bucket_mb: float = 256.0, device: str | torch.device | None = None,
+                 reform_wait_s: float = 120.0):
         self.transport = transport
+        self.reform_wait_s = reform_wait_s  # after a failed send: how long to wait for reform() before failing
+        self.groups_formed = 0
         self.bucket_bytes = max(int(bucket_mb * (1 << 20)), 1)
         self.device = None if device is None else torch.device(device)  # None: the tensors' own device
         self.history: list[PublishStats] = []
@@ -64,6 +67,8 @@ class WeightPublisher:
         self._pending: _Snapshot | None = None
         self._sending: _Snapshot | None = None
         self._seq = 0
+        self._next_transport: SenderTransport | None = transport  # the thread forms this group next
+        self._last_sent: _Snapshot | None = None  # kept for members that join later (reform)
         self._last_version: int | None = None
         self._error: BaseException | None = None
         self._closing = False
@@ -156,6 +161,15 @@ class WeightPublisher:
             }),
         }
 
+    def reform(self, transport: SenderTransport) -> None:
+        """Continue over a new group (a rollout worker died or joined): the update on the wire, if any,
+        ends (or fails against the dead member), the old group is closed, the new one formed, and the
+        newest version is sent again so every member of the new group holds it."""
+        with self._cond:
+            self._raise_if_failed()
+            self._next_transport = transport
+            self._cond.notify_all()
+
     # ------------------------------------------------------------------ internals
     def _new_buffer(self, layout: Layout, pairs) -> torch.Tensor:
         device = self.device if self.device is not None else (pairs[0][1].device if pairs else torch.device("cpu"))
@@ -174,22 +188,57 @@ class WeightPublisher:
         if self._error is not None:
             raise RuntimeError(f"weight publisher failed: {self._error}") from self._error
 
-    def _run(self) -> None:
-        try:  # form the group at start-up, so a missing rollout worker is reported early
-            t0 = time.perf_counter()
-            self.transport.connect()
-            self.connect_s = time.perf_counter() - t0
-            self._connected.set()
-        except BaseException as exc:
-            with self._cond:
-                self._error = exc
+    def _recycle(self, snap: _Snapshot | None) -> None:
+        if snap is not None and snap.layout is self._layout and snap is not self._pending:
+            self._free.append(snap.flat)
+
+    def _switch(self, old: SenderTransport | None) -> SenderTransport:
+        """Close `old`, form the next group (with the cond released: joining waits for every member)."""
+        with self._cond:
+            transport, self._next_transport = self._next_transport, None
+            self.transport, self._seq = transport, 0  # a new group numbers its updates from 0
+            if self._pending is None and self._last_sent is not None:  # new members need the newest weights
+                self._pending, self._last_sent = self._last_sent, None
+        if old is not None:
+            old.close()
+        t0 = time.perf_counter()
+        transport.connect()
+        self.connect_s = time.perf_counter() - t0
+        self.groups_formed += 1
+        self._connected.set()
+        return transport
+
+    def _await_reform(self, exc: BaseException) -> bool:
+        """A send or a join failed: a member died. Wait for the caller to re-form the group; False (and the
+        error recorded) if it does not within `reform_wait_s`, or the publisher is closing."""
+        deadline = time.monotonic() + self.reform_wait_s
+        with self._cond:
+            while self._next_transport is None and not self._closing and time.monotonic() < deadline:
+                self._cond.wait(max(deadline - time.monotonic(), 0.0))
+            if self._next_transport is None:
+                self._error, self._sending = exc, None
                 self._cond.notify_all()
-            return
+                return False
+            return True
+
+    def _run(self) -> None:
+        transport = None
         while True:
+            if self._next_transport is not None:
+                try:
+                    transport = self._switch(transport)
+                except BaseException as exc:  # a member left while the group was forming
+                    if self._await_reform(exc):
+                        continue
+                    return
             with self._cond:
-                while self._pending is None and not self._closing:
+                while self._pending is None and not self._closing and self._next_transport is None:
                     self._cond.wait()
+                if self._next_transport is not None:
+                    continue
                 if self._pending is None:  # closing and nothing left
+                    if transport is not None:
+                        transport.close()
                     return
                 snap, self._pending, self._sending = self._pending, None, self._pending
             try:
@@ -197,15 +246,20 @@ class WeightPublisher:
                     snap.ready.synchronize()
                 t0 = time.perf_counter()
                 header = UpdateHeader(self._seq, snap.version, snap.layout, snap.layout.total_bytes, time.time())
-                self.transport.start_update(header)
+                transport.start_update(header)
                 for bucket in snap.layout.bucket_slices(snap.flat):
-                    self.transport.send_bucket(bucket)
-                self.transport.finish_update(header)
+                    transport.send_bucket(bucket)
+                transport.finish_update(header)
                 t1 = time.perf_counter()
-            except BaseException as exc:  # surfaced by the next publish()/wait()/close()
+            except BaseException as exc:  # a member died mid-update: send it again over the re-formed group
                 with self._cond:
-                    self._error, self._sending = exc, None
-                    self._cond.notify_all()
+                    self._sending = None
+                    if self._pending is None:
+                        self._pending = snap
+                    else:
+                        self._recycle(snap)
+                if self._await_reform(exc):
+                    continue
                 return
             with self._cond:
                 self._seq += 1
@@ -213,7 +267,7 @@ class WeightPublisher:
                     snap.version, header.seq, snap.layout.total_bytes, len(snap.layout.buckets),
                     snap.snapshot_s, t0 - snap.published_at, t1 - t0, snap.coalesced,
                 ))
-                if snap.layout is self._layout:
-                    self._free.append(snap.flat)
+                self._recycle(self._last_sent)
+                self._last_sent = snap
                 self._sending = None
                 self._cond.notify_all()

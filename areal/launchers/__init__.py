@@ -1,1 +1,47 @@
-"""Launchers: place roles in processes (local, Ray, Slurm)."""
+"""Launchers place roles in processes; only they and the controller know about processes.
+
+Every launcher starts a role the same way: a `RoleSpec` (plain data) run by
+`python -m areal.role SPEC.json` wherever the launcher puts it. A launcher says which
+interface listeners bind (`bind_host`), gives each role its own device, and may restart a
+role that died (`can_restart`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from areal.role import RoleSpec
+
+
+class RoleHandle(ABC):
+    name: str
+
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    @abstractmethod
+    def exitcode(self) -> int | None: ...
+
+    @abstractmethod
+    def send_signal(self, sig: int) -> None:
+        """Deliver a signal to the role's process (pre-emption reaches the trainer this way)."""
+
+    @abstractmethod
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+
+class Launcher(ABC):
+    bind_host: str = "127.0.0.1"  # the interface the hub and every role's listeners bind
+    can_restart: bool = False
+
+    @abstractmethod
+    def start(self, spec: RoleSpec) -> RoleHandle: ...
+
+
+def assign_devices(names: list[str], num_gpus: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES per role: trainer ranks first, then rollout workers, one GPU each while
+    they last, then round-robin (roles share a GPU rather than all taking cuda:0). No GPU: ""."""
+    if num_gpus <= 0:
+        return {name: "" for name in names}
+    order = sorted(names, key=lambda n: (not n.startswith("trainer"), n))
+    return {name: str(i % num_gpus) for i, name in enumerate(order)}

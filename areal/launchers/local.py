@@ -1,0 +1,58 @@
+"""One local process per role: `python -m areal.role SPEC.json`, listeners on loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from areal.launchers import Launcher, RoleHandle
+from areal.role import SECRET_ENV, RoleSpec
+
+
+class LocalHandle(RoleHandle):
+    def __init__(self, name: str, process: subprocess.Popen):
+        self.name, self.process = name, process
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def exitcode(self) -> int | None:
+        return self.process.poll()
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for ask in (None, self.process.terminate, self.process.kill):
+            if ask is not None and self.alive():
+                ask()
+            try:
+                self.process.wait(timeout if ask is None else 5)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class LocalLauncher(Launcher):
+    """Roles as child processes of the controller. Specs are written under `run_dir/roles/`; the run
+    secret goes through the environment, never into the file. Restarts are allowed."""
+
+    bind_host = "127.0.0.1"
+    can_restart = True
+
+    def __init__(self, devices: dict[str, str] | None = None):
+        self.devices = devices or {}  # role name -> CUDA_VISIBLE_DEVICES (areal.launchers.assign_devices)
+
+    def start(self, spec: RoleSpec) -> LocalHandle:
+        secret, spec.secret = spec.secret, ""
+        path = spec.write(Path(spec.run_dir) / "roles" / f"{spec.name}.{spec.incarnation}.json")
+        env = {**os.environ, SECRET_ENV: secret, "OMP_NUM_THREADS": str(spec.num_threads),
+               "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+        if spec.name in self.devices:
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[spec.name]
+        process = subprocess.Popen([sys.executable, "-m", "areal.role", str(path)], env=env)
+        spec.secret = secret
+        return LocalHandle(spec.name, process)

@@ -1,0 +1,122 @@
+"""Every message the processes of a run exchange over `areal.channel`, in one place.
+
+    controller -> role       Stop, RoleLost (to trainer0: a rollout worker died)
+    role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunFinished
+    trainer0 -> rollout r    WeightGroup, PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, Stop
+    rollout r -> trainer0    WorkerReady, GroupDone, EvalResult, WorkerSnapshot, WorkerStats
+    trainer0 -> trainer k    TrainerGroup, TrainStep, Stop
+
+Each is a dataclass registered with `areal.channel.message`; fields are plain data or types with
+`to_dict()` / `from_dict()` (Group, Prompt, InFlightGroup). Weights never travel here: they go
+over torch.distributed broadcasts (areal/transport.py), whose group `WeightGroup` describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal.channel import message
+from areal.rollout.worker import (EvalRequest, EvalResult, GroupDone, InFlightGroup, PromptBatch, ResumeGroups,
+                                  SnapshotRequest, WeightGroup, WorkerSnapshot, WorkerStats)
+from areal.trajectory import Group
+
+
+# ------------------------------------------------------------------ control
+@message
+@dataclass
+class Hello:
+    """First message of every connection (the channel sends it): the role is up and reachable."""
+
+    role: str
+
+
+@message
+@dataclass
+class Heartbeat:
+    """Sent by the channel every second, so a role that stops answering is noticed."""
+
+
+@message
+@dataclass
+class Stop:
+    reason: str = ""
+
+
+@message
+@dataclass
+class RoleError:
+    """A role failed. `kind` is the exception's class name: bad input (ConfigError, DataError,
+    FileNotFoundError) is re-raised by the controller as one line, anything else with `traceback`."""
+
+    role: str
+    kind: str
+    message: str
+    traceback: str
+
+
+@message
+@dataclass
+class RunFinished:
+    """trainer0's summary of the run (it holds "preempted_step" when pre-empted)."""
+
+    summary: dict
+
+
+@message
+@dataclass
+class RoleLost:
+    """The controller saw a role die (or fall silent); `restarting`: a replacement is being started."""
+
+    role: str
+    reason: str
+    restarting: bool
+
+
+# ------------------------------------------------------------------ rollout
+@message
+@dataclass
+class WorkerReady:
+    """A rollout worker loaded its model and can join the weight broadcast group."""
+
+    rank: int
+    incarnation: int = 0  # 0 for the first process of this rank, +1 per restart
+
+
+# the rollout worker's own protocol, defined beside it (rollout/worker.py)
+for _cls in (PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, WeightGroup, GroupDone, EvalResult, WorkerStats,
+             WorkerSnapshot):
+    message(_cls)
+
+
+# ------------------------------------------------------------------ trainer ranks
+@message
+@dataclass
+class TrainerGroup:
+    """The trainer ranks' own process group (DDP / ZeRO): its store is hosted by trainer0 at `address`."""
+
+    address: str
+    world_size: int
+
+
+@message
+@dataclass
+class TrainStep:
+    """The groups of one update: every rank receives all of them and trains its token-balanced
+    share (areal.trainer.engine); advantages are group-normalised over the whole batch."""
+
+    step: int
+    groups: list[Group]
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "groups": [g.to_dict() for g in self.groups]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainStep":
+        return cls(int(d["step"]), [Group.from_dict(g) for g in d["groups"]])
+
+
+__all__ = [
+    "Hello", "Heartbeat", "Stop", "RoleError", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
+    "GroupDone", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
+    "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep",
+]

@@ -1,0 +1,142 @@
+"""What a run needs before its first step, and the factories every process builds its parts with.
+
+`setup()` validates every input (reward spec, model, data, prompt lengths) and chooses the run
+folder; the builders make the rollout backend, the reward pool, the train engine and the
+checkpoint session from a recipe. The sync loop and each role of an async run call these;
+nothing here runs a loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from areal.checkpoint.resume import place_run
+from areal.checkpoint.session import CheckpointSession, Restored, load_checkpoint
+from areal.config import to_dict, to_yaml
+from areal.data import DataError, encode_prompt, load_rows
+from areal.model import load_model, load_tokenizer
+from areal.recipe import Recipe
+from areal.rewards import RewardPool, load_reward_fn
+from areal.rollout.types import SamplingParams
+from areal.rollout.worker import Prompt, reward_fields
+from areal.runtime import pick_device, seed_everything
+from areal.trainer.engine import TrainEngine
+
+
+def prepare_prompts(rows, recipe: Recipe, tokenizer, context_len: int | None, split: str) -> list[Prompt]:
+    """Encode every row up front, so a bad row fails before any training, naming it."""
+    budget = recipe.data.max_prompt_tokens
+    if context_len:
+        budget = min(budget, context_len - recipe.rollout.max_new_tokens)
+    prompts = []
+    for i, row in enumerate(rows):
+        text, ids = encode_prompt(row, i, recipe.data, tokenizer)
+        if len(ids) > budget:
+            raise DataError(
+                f"{split} row {i}: prompt of {len(ids)} tokens does not fit the context "
+                f"({context_len} positions, {recipe.rollout.max_new_tokens} reserved for the completion): {text[:120]!r}"
+            )
+        prompts.append(Prompt(i, text, ids, reward_fields(row, recipe.data.prompt_key, recipe.data.answer_key)))
+    return prompts
+
+
+def sampling_params(recipe: Recipe) -> SamplingParams:
+    ro = recipe.rollout
+    return SamplingParams(n=ro.group_size, max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                          top_p=ro.top_p, top_k=ro.top_k, stop=list(ro.stop))
+
+
+def make_backend(recipe: Recipe, model, tokenizer, version: int = 0):
+    """The rollout backend over `model` (the engine copies it; HF generate uses it in place)."""
+    if recipe.rollout.backend == "engine":
+        from areal.rollout import Engine
+
+        return Engine(model, tokenizer=tokenizer, max_num_seqs=recipe.rollout.batch_size, version=version,
+                      num_blocks=recipe.rollout.kv_blocks, block_size=recipe.rollout.kv_block_size)
+    from areal.rollout.hf_backend import HFGenerateBackend
+
+    eos = model.generation_config.eos_token_id
+    eos_ids = [i for i in (eos if isinstance(eos, list) else [eos]) if i is not None] or [tokenizer.eos_token_id]
+    return HFGenerateBackend(model, eos_token_ids=eos_ids, pad_token_id=tokenizer.pad_token_id,
+                             batch_size=recipe.rollout.batch_size, version=version)
+
+
+def make_reward_pool(recipe: Recipe) -> RewardPool:
+    rc = recipe.reward
+    return RewardPool(rc.fn, rc.num_workers, rc.timeout_s, rc.max_logged_failures)
+
+
+def check_kv_pool(recipe: Recipe, longest_prompt: int) -> None:
+    """The engine's KV pool must hold at least one whole sequence, or nothing could ever run."""
+    ro = recipe.rollout
+    need = longest_prompt + max(ro.max_new_tokens, ro.eval_max_new_tokens)
+    if ro.backend == "engine" and ro.kv_blocks * ro.kv_block_size < need:
+        from areal.config import ConfigError
+
+        raise ConfigError(
+            f"rollout.kv_blocks: {ro.kv_blocks} blocks x {ro.kv_block_size} tokens cannot hold one sequence "
+            f"of {need} tokens (longest prompt {longest_prompt} + completion)"
+        )
+
+
+@dataclass
+class Setup:
+    """Everything a run needs before its first step; built once, by the process that trains (rank 0)."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    tokenizer: object
+    policy: torch.nn.Module
+    train_prompts: list[Prompt]
+    test_prompts: list[Prompt]
+    checkpoint: Path | None = None  # the checkpoint this run resumes from
+
+
+def place(recipe: Recipe, recipe_path: str | None) -> tuple[Path, Path | None]:
+    """The run folder and the checkpoint to resume from (areal/checkpoint/resume.py); writes config.yaml."""
+    where = place_run(to_dict(recipe), recipe.run.run_dir, recipe_path, recipe.checkpoint.resume)
+    (where.run_dir / "config.yaml").write_text(to_yaml(recipe))
+    return where.run_dir, where.checkpoint
+
+
+def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None,
+          checkpoint: Path | None = None) -> Setup:
+    """Validate every input (reward spec, model, data, prompt lengths) before any work is written, load
+    the policy, and place the run (`place`) unless the controller already did (`run_dir`, `checkpoint`)."""
+    load_reward_fn(recipe.reward.fn)
+    seed_everything(recipe.run.seed)
+    device = pick_device(recipe.run.device)
+    tokenizer = load_tokenizer(recipe.model)
+    policy = load_model(recipe.model, device)
+    context = getattr(policy.config, "max_position_embeddings", None)
+    train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
+    test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
+    check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
+    if run_dir is None:
+        run_dir, checkpoint = place(recipe, recipe_path)
+    return Setup(recipe, run_dir, device, tokenizer, policy, train_prompts, test_prompts, checkpoint)
+
+
+def build_train_engine(recipe: Recipe, policy: torch.nn.Module) -> TrainEngine:
+    return TrainEngine(policy, recipe.trainer, temperature=recipe.rollout.temperature,
+                       gradient_checkpointing=recipe.model.gradient_checkpointing,
+                       max_new_tokens=recipe.rollout.max_new_tokens)
+
+
+def new_train_engine(s: Setup) -> TrainEngine:
+    return build_train_engine(s.recipe, s.policy)
+
+
+def open_session(s: Setup, engine: TrainEngine) -> tuple[CheckpointSession, Restored | None]:
+    """The run's checkpoint session; on resume, the trainer's state is restored into `engine`."""
+    session = CheckpointSession(s.recipe.checkpoint, s.run_dir, engine, to_dict(s.recipe), s.tokenizer)
+    restored = load_checkpoint(s.checkpoint) if s.checkpoint is not None else None
+    if restored is not None:
+        session.restore_trainer(restored)
+    return session, restored
+
+
