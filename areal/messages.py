@@ -4,7 +4,7 @@
     role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunFinished
     trainer0 -> rollout r    WeightGroup, PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, Stop
     rollout r -> trainer0    WorkerReady, GroupDone, EvalResult, WorkerSnapshot, WorkerStats
-    trainer0 -> trainer k    TrainerGroup, TrainStep, Stop
+    trainer0 -> trainer k    TrainerGroup, TrainStep, ExportModel, Stop
 
 Each is a dataclass registered with `areal.channel.message`; fields are plain data or types with
 `to_dict()` / `from_dict()` (Group, Prompt, InFlightGroup). Weights never travel here: they go
@@ -118,5 +118,13 @@ class TrainStep:
 __all__ = [
     "Hello", "Heartbeat", "Stop", "RoleError", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
     "GroupDone", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
-    "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep",
+    "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep", "ExportModel",
 ]
+
+
+@message
+@dataclass
+class ExportModel:
+    """Join the export of the policy to `path` (a gather every trainer rank takes part in; rank 0 writes)."""
+
+    path: str

@@ -16,7 +16,7 @@ from pathlib import Path
 from areal.channel import CONTROLLER, Endpoint
 from areal.config import from_dict
 from areal.console import console
-from areal.messages import RoleLost, RunFinished, Stop, TrainerGroup, TrainStep, WorkerReady
+from areal.messages import ExportModel, RoleLost, RunFinished, Stop, TrainerGroup, TrainStep, WorkerReady
 from areal.recipe import Recipe
 from areal.role import RoleSpec
 
@@ -35,7 +35,7 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = timedelta(seconds=STARTUP_TIMEOUT_S)
+    timeout = timedelta(seconds=STARTUP_TIMEOUT_S)  # also bounds every collective: a lost rank raises, never hangs
     if spec.rank == 0:
         store = dist.TCPStore(spec.bind_host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
         for k in range(1, world_size):
@@ -47,11 +47,11 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
     dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size, timeout=timeout)
 
 
-def _wait_for(endpoint: Endpoint, kind, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
+def _wait_for(endpoint: Endpoint, kind, timeout_s: float | None, what: str):
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         try:
-            got = endpoint.recv(timeout=max(deadline - time.monotonic(), 0.01))
+            got = endpoint.recv(timeout=None if deadline is None else max(deadline - time.monotonic(), 0.01))
         except queue.Empty:
             raise TimeoutError(f"{endpoint.name}: no {what} within {timeout_s:.0f} s") from None
         if isinstance(got.msg, kind):
@@ -75,6 +75,7 @@ def trainer_main(spec: RoleSpec, endpoint: Endpoint) -> None:
 
 def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     """Rank k > 0: the same engine, the same checkpoint; trains each `TrainStep` trainer0 hands it."""
+    from areal.checkpoint.export import export_model
     from areal.checkpoint.session import load_checkpoint
     from areal.model import load_model, load_tokenizer
     from areal.runtime import pick_device, seed_everything
@@ -89,7 +90,10 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
         engine.load_checkpoint_state(restored.tensors, restored.state["trainer"])
     gathers = recipe.trainer.backend == "deepspeed" and recipe.trainer.zero_stage == 3
     while True:
-        msg = _wait_for(endpoint, TrainStep, float("inf"), "training step")
+        msg = _wait_for(endpoint, (TrainStep, ExportModel), None, "training step")
+        if isinstance(msg, ExportModel):
+            export_model(engine, Path(msg.path), tokenizer)
+            continue
         engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id))
         if gathers:  # trainer0 gathers the full weights to publish them: a collective every rank joins
             for _ in engine.named_weights():
@@ -115,6 +119,8 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     engine = new_train_engine(s)
     session, restored = open_session(s, engine)
     session.preempt.install()
+    followers = [f"trainer{k}" for k in range(1, tr.world_size)]
+    session.on_export = lambda out_dir: [endpoint.send(f, ExportModel(str(out_dir))) for f in followers]
     staleness = StalenessController(tr.batch_size, ro.max_staleness, ro.max_concurrent)
     buffer = TrajectoryBuffer(recipe.buffer, staleness)
     sampler = PromptSampler(s.train_prompts, recipe.data.shuffle_seed)

@@ -104,6 +104,7 @@ class CheckpointSession:
                                              config_hash=store.config_hash(config), log=log)
         engine.set_before_step(self._before_update)
         self.preempt = PreemptionFlag()
+        self.on_export = None  # out_dir -> None: tells the other trainer ranks to join the export
         self._last_save = time.monotonic()
         self.committed: list[dict] = []
 
@@ -134,6 +135,8 @@ class CheckpointSession:
         from areal.checkpoint.export import export_model
 
         t0 = time.perf_counter()
+        if self.on_export is not None:
+            self.on_export(out_dir)
         export_model(self.engine, out_dir, self.tokenizer)
         log.info("exported the policy to %s in %.2f s", out_dir, time.perf_counter() - t0)
 
