@@ -2,7 +2,11 @@
 
 Set the environment variable AREAL_FAULT to comma-separated specs
 
-    point[@N][:action]        e.g.  AREAL_FAULT=ckpt.rename:kill,ckpt.write@3:enospc
+    [role/]point[@N][:action]   e.g.  AREAL_FAULT=ckpt.rename:kill,ckpt.write@3:enospc
+
+A `role/` prefix limits a spec to the processes of that role of an async run: `rollout1/...`
+(every incarnation of rollout worker 1) or `rollout1.0/...` (its first process only, so its
+replacement runs clean). Roles read their name from AREAL_ROLE (set by areal/role.py).
 
 N (default 1): fire on the N-th hit of `point` in this process, counted from when this value of
 AREAL_FAULT was first seen (a changed value is re-parsed and its counts start at zero). Each spec
@@ -33,6 +37,7 @@ import signal
 import threading
 
 ENV = "AREAL_FAULT"
+ROLE_ENV = "AREAL_ROLE"  # "<role name>.<incarnation>", e.g. rollout1.0
 ACTIONS = ("kill", "enospc", "eio", "raise")
 
 _lock = threading.Lock()
@@ -44,12 +49,16 @@ _hits: dict[str, int] = {}
 def parse(value: str) -> dict[str, dict[int, str]]:
     """'a@2:eio,b' -> {'a': {2: 'eio'}, 'b': {1: 'kill'}}; a malformed spec raises ValueError."""
     plan: dict[str, dict[int, str]] = {}
+    me = os.environ.get(ROLE_ENV, "")
     for spec in filter(None, (s.strip() for s in value.split(","))):
-        head, _, action = spec.partition(":")
+        role, _, rest = spec.rpartition("/")
+        if role and role not in (me, me.split(".")[0]):
+            continue  # another role's fault
+        head, _, action = rest.partition(":")
         point, _, nth = head.partition("@")
         action = action or "kill"
         if not point or action not in ACTIONS or (nth and not nth.isdigit()) or nth == "0":
-            raise ValueError(f"{ENV}: bad spec {spec!r} (expected point[@N][:{'|'.join(ACTIONS)}], N >= 1)")
+            raise ValueError(f"{ENV}: bad spec {spec!r} (expected [role/]point[@N][:{'|'.join(ACTIONS)}], N >= 1)")
         plan.setdefault(point, {})[int(nth or 1)] = action
     return plan
 

@@ -75,6 +75,7 @@ def run_role(spec: RoleSpec) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's: it stops every role
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["AREAL_ROLE"] = f"{spec.name}.{spec.incarnation}"  # areal.faults can target one role's process
     if spec.bind_host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch

@@ -221,11 +221,13 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
     tokenizer = load_tokenizer(recipe.model)
     backend = make_backend(recipe, load_model(recipe.model, device), tokenizer, version=-1)
 
-    class Inbox:  # serve() reads messages; Stop ends it
+    class Inbox:  # serve() reads messages
         @staticmethod
         def get(timeout: float):
             msg = endpoint.recv(timeout=timeout).msg
-            return None if isinstance(msg, Stop) else msg
+            if isinstance(msg, Stop):  # the run is over: nothing this worker holds is needed any more
+                raise SystemExit(0)
+            return msg
 
         @staticmethod
         def get_nowait():

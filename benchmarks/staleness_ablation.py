@@ -18,7 +18,7 @@ import statistics
 import tempfile
 
 from areal.config import build
-from areal.loop import train
+from areal.train import train
 from areal.recipe import Recipe
 
 

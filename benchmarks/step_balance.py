@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from areal.config import build
-    from areal.loop import make_backend, new_train_engine, setup
+    from areal.setup import make_backend, new_train_engine, setup
     from areal.recipe import Recipe
     from areal.rollout.types import SamplingParams
     from areal.trainer.batch import build_batch

@@ -16,7 +16,7 @@ Mapping of areal's recipe onto TRL's knobs (what "one step" means):
   TRL recomputes old log-probs once per generation (as areal's decoupled pi_prox).
 
 Held-out accuracy: every `--eval-every` areal-equivalent steps (and before/after training)
-the in-memory policy goes through `areal.loop.make_backend` + `areal.evaluate.evaluate`
+the in-memory policy goes through `areal.setup.make_backend` + `areal.evaluate.evaluate`
 (greedy, 500 test prompts, same reward), exactly as areal's trainer evaluates itself.
 Evaluation time is measured and excluded from `train_clock_s` (so TRL is not charged for it).
 
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     from areal.config import build
     from areal.data import format_prompt, load_rows
     from areal.evaluate import evaluate
-    from areal.loop import make_backend, make_reward_pool, prepare_prompts
+    from areal.setup import make_backend, make_reward_pool, prepare_prompts
     from areal.model import load_model, load_tokenizer
     from areal.recipe import Recipe
 

@@ -333,7 +333,7 @@ class RolloutWorker:
         """Streaming loop: start admitted prompts, step the engine, ship each group as it completes.
 
         inbox.get(timeout) / get_nowait() yield `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and
-        `ResumeGroups`, and finally None (stop at once: the trainer needs nothing more); anything else goes
+        `ResumeGroups`, and finally None (stop once every admitted group has shipped); anything else goes
         to `on_control` (a new weight group, which swaps `self.receiver`). outbox.put() receives
         `GroupDone`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
         are applied between two engine steps; nothing here blocks for long, so control messages are
@@ -346,7 +346,7 @@ class RolloutWorker:
         evals: deque[EvalRequest] = deque()  # waiting for weights of their version
         in_flight: dict[int, _Running] = {}  # started, by group id, in start order
         done: list[int] = []
-        pause_s, updates, last_stats = 0.0, 0, time.perf_counter()
+        stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
         busy_s, idle_s = 0.0, 0.0
 
         def take(update) -> None:  # apply a received update between two engine steps, and count it
@@ -366,7 +366,7 @@ class RolloutWorker:
             outs = sorted(running.outputs, key=lambda o: o.sample_index)
             outbox.put(GroupDone(self.make_group(group_id, running.group.prompt, outs)))
 
-        while True:
+        while not (stopping and not pending and not in_flight and not evals):
             t0 = time.perf_counter()
             receiver = self.receiver
             take(receiver.poll() if receiver is not None else None)
@@ -376,7 +376,7 @@ class RolloutWorker:
             except queue.Empty:
                 msg = False
             if msg is None:
-                return
+                stopping = True
             elif isinstance(msg, EvalRequest):
                 evals.append(msg)
             elif isinstance(msg, SnapshotRequest):
@@ -415,7 +415,7 @@ class RolloutWorker:
             done.clear()
             spent = time.perf_counter() - t0
             busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)
-            if time.perf_counter() - last_stats > stats_every_s:
+            if time.perf_counter() - last_stats > stats_every_s or (stopping and not in_flight and not pending):
                 last_stats = time.perf_counter()
                 outbox.put(WorkerStats({**engine.stats(), "pause_s": pause_s, "weight_updates": updates,
                                         "busy_s": busy_s, "idle_s": idle_s, "reward_failures": dict(self.reward_failures)}))

@@ -1,10 +1,8 @@
 """Held-out evaluation on rollout workers: sharding, merging and the Future the trainer logs from."""
 
-import queue
-
 import pytest
 
-from areal.async_loop import RemoteEvaluator
+from areal.async_loop import Fleet, RemoteEvaluator
 from areal.evaluate import merge_eval_results
 from areal.rollout.worker import EvalRequest
 
@@ -23,27 +21,67 @@ def test_merge_weights_each_shard_by_its_prompt_count():
     assert merged["eval/step"] == 4
 
 
+class Sent:
+    """Stands in for the channel endpoint: records what trainer0 sends to whom."""
+
+    def __init__(self):
+        self.log = []
+
+    def send(self, dest, msg):
+        self.log.append((dest, msg))
+
+    def to(self, dest):
+        return [m for d, m in self.log if d == dest]
+
+
+def fleet_of(n):
+    endpoint = Sent()
+    fleet = Fleet(endpoint, new_sender=None)
+    for rank in range(n):
+        fleet.join(rank)
+    return fleet, endpoint
+
+
+def shard_of(result, shard):
+    return {**result, "eval/shard": shard}
+
+
 def test_remote_evaluator_shards_prompts_and_resolves_when_every_shard_is_in():
-    inboxes = [queue.Queue(), queue.Queue()]
-    evaluator = RemoteEvaluator(inboxes, prompts=list("abcde"), max_new_tokens=7)
+    fleet, sent = fleet_of(2)
+    evaluator = RemoteEvaluator(fleet, prompts=list("abcde"), max_new_tokens=7)
     future = evaluator(20)
-    requests = [box.get_nowait() for box in inboxes]
+    requests = sent.to("rollout0") + sent.to("rollout1")
     assert all(isinstance(r, EvalRequest) and r.version == 20 and r.max_new_tokens == 7 for r in requests)
     assert [r.prompts for r in requests] == [list("ace"), list("bd")]  # every prompt exactly once
-    evaluator.deliver(shard_result(20, 3, 2 / 3, 0.1))
+    evaluator.deliver(shard_of(shard_result(20, 3, 2 / 3, 0.1), 0))
+    evaluator.deliver(shard_of(shard_result(20, 3, 2 / 3, 0.1), 0))  # a shard answered twice counts once
     assert not future.done()
-    evaluator.deliver(shard_result(20, 2, 1.0, 0.3))
+    evaluator.deliver(shard_of(shard_result(20, 2, 1.0, 0.3), 1))
     assert future.result(timeout=1)["eval/accuracy"] == pytest.approx(0.8)
+    assert "eval/shard" not in future.result()
 
 
 def test_remote_evaluator_keeps_concurrent_steps_apart_and_skips_empty_shards():
-    inboxes = [queue.Queue(), queue.Queue(), queue.Queue()]
-    evaluator = RemoteEvaluator(inboxes, prompts=["p", "q"], max_new_tokens=4)
+    fleet, sent = fleet_of(3)
+    evaluator = RemoteEvaluator(fleet, prompts=["p", "q"], max_new_tokens=4)
     first, second = evaluator(0), evaluator(10)
-    assert inboxes[2].empty()  # two prompts, three workers: the third gets no request
-    evaluator.deliver(shard_result(10, 1, 1.0, 0.1))
-    evaluator.deliver(shard_result(0, 1, 0.0, 0.1))
-    evaluator.deliver(shard_result(10, 1, 1.0, 0.1))
+    assert sent.to("rollout2") == []  # two prompts, three workers: the third gets no request
+    evaluator.deliver(shard_of(shard_result(10, 1, 1.0, 0.1), 0))
+    evaluator.deliver(shard_of(shard_result(0, 1, 0.0, 0.1), 0))
+    evaluator.deliver(shard_of(shard_result(10, 1, 1.0, 0.1), 1))
     assert second.result(timeout=1)["eval/accuracy"] == 1.0 and not first.done()
-    evaluator.deliver(shard_result(0, 1, 1.0, 0.1))
+    evaluator.deliver(shard_of(shard_result(0, 1, 1.0, 0.1), 1))
     assert first.result(timeout=1)["eval/accuracy"] == 0.5
+
+
+def test_a_lost_workers_shard_goes_to_a_live_worker():
+    fleet, sent = fleet_of(2)
+    evaluator = RemoteEvaluator(fleet, prompts=list("abcd"), max_new_tokens=4)
+    future = evaluator(5)
+    evaluator.deliver(shard_of(shard_result(5, 2, 1.0, 0.1), 0))
+    fleet.lose(1)
+    evaluator.lose(1)
+    resent = sent.to("rollout0")[-1]
+    assert isinstance(resent, EvalRequest) and resent.shard == 1 and resent.prompts == list("bd")
+    evaluator.deliver(shard_of(shard_result(5, 2, 0.0, 0.1), 1))
+    assert future.result(timeout=1)["eval/accuracy"] == 0.5

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from areal.config import build
-from areal.loop import train
+from areal.train import train
 from areal.recipe import Recipe
 
 SMALL = [

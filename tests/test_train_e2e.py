@@ -7,7 +7,7 @@ import pytest
 
 from areal.config import build
 from areal.data import DataError
-from areal.loop import train
+from areal.train import train
 from areal.metrics import read_metrics
 from areal.recipe import Recipe
 

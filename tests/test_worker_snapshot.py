@@ -16,6 +16,8 @@ import torch
 from areal.rollout import Engine, GenerationOutput, SamplingParams
 from areal.rollout.types import PartialSample
 from areal.rollout.worker import (
+    EvalResult,
+    GroupDone,
     InFlightGroup,
     Prompt,
     PromptBatch,
@@ -23,6 +25,7 @@ from areal.rollout.worker import (
     RolloutWorker,
     SnapshotRequest,
     WorkerSnapshot,
+    WorkerStats,
     reward_fields,
 )
 
@@ -98,18 +101,22 @@ def make_worker(model, pool, tokenizer, version=0, backend="engine"):
     return RolloutWorker(engine, pool, tokenizer, PARAMS, base_seed=11)
 
 
+KINDS = {GroupDone: "group", WorkerSnapshot: "snapshot", EvalResult: "eval"}
+
+
 def serve(worker, inbox, receiver=None) -> list[tuple[str, object]]:
-    """Run serve() in a thread until it stops; returns its outbox, stats left out."""
+    """Run serve() in a thread until it stops; returns its outbox as (kind, payload), stats left out."""
     outbox = queue.Queue()
-    thread = threading.Thread(target=worker.serve, args=(inbox, outbox, receiver), daemon=True)
+    worker.receiver = receiver
+    thread = threading.Thread(target=worker.serve, args=(inbox, outbox), daemon=True)
     thread.start()
     thread.join(timeout=60)
     assert not thread.is_alive(), "serve() did not stop"
     out = []
     while not outbox.empty():
-        kind, payload = outbox.get()
-        if kind != "stats":
-            out.append((kind, payload))
+        msg = outbox.get()
+        if not isinstance(msg, WorkerStats):
+            out.append((KINDS[type(msg)], msg.group if isinstance(msg, GroupDone) else msg))
     return out
 
 

@@ -1,0 +1,165 @@
+"""The process model: roles started from plain-data specs, several trainer ranks, rollout workers that
+die or stop answering. Every run here is real: a controller, its hub, and one process per role."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from areal.config import build
+from areal.controller import RoleFailed
+from areal.data import DataError
+from areal.metrics import read_metrics
+from areal.recipe import Recipe
+from areal.role import RoleSpec
+from areal.train import train
+
+SMALL = [
+    "trainer.batch_size=4", "rollout.group_size=4", "data.eval_size=16", "rollout.backend=engine",
+    "logging.wandb.mode=disabled", "logging.progress_bar=false", "run.trainer_threads=1", "trainer.lr=1e-4",
+    "run.mode=async",
+]
+
+
+def recipe(tmp_path, name, *extra):
+    return build(Recipe, "math", [*SMALL, f"run.run_dir={tmp_path / name}", *extra])
+
+
+def _ledger_holds(summary: dict) -> None:
+    buf, adm = summary["buffer"], summary["admission"]
+    assert adm["admitted_total"] == buf["put"] + adm["running"] + adm["aborted_total"]
+    assert buf["put"] == buf["consumed"] + sum(buf["filtered"].values()) + buf["held_groups"]
+
+
+def _consumed_ids(run_dir: Path) -> list[int]:
+    return [g for r in read_metrics(run_dir / "metrics.jsonl")[1:] for g in r["data/group_ids"]]
+
+
+def test_a_role_spec_is_plain_json_and_a_bad_one_is_one_line(tmp_path):
+    spec = RoleSpec("rollout", 1, {"run": {"seed": 3}}, str(tmp_path), "tcp://127.0.0.1:5555", incarnation=2)
+    assert RoleSpec.from_json(spec.to_json()) == spec and spec.name == "rollout1"
+    path = spec.write(tmp_path / "spec.json")
+    assert os.stat(path).st_mode & 0o077 == 0  # it may hold the run secret
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"role": "janitor", "rank": 0, "recipe": {}, "run_dir": "x", "hub": "tcp://x:1"}))
+    out = subprocess.run([sys.executable, "-m", "areal.role", str(bad)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "role must be one of" in out.stderr
+
+
+@pytest.mark.slow
+def test_bad_data_found_by_the_trainer_process_is_one_clear_line(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"question": "1+1", "answer": "2"}\n{"question": 3\n')
+    with pytest.raises(DataError, match="rows.jsonl"):
+        train(recipe(tmp_path, "bad", f"data.train_path={rows}", "trainer.steps=2"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_rollout_worker_killed_mid_run_loses_nothing_and_is_replaced(tmp_path, monkeypatch, seed):
+    # a seeded generation step of rollout worker 0's first process; its replacement runs clean
+    point = random.Random(seed).randint(20, 120)
+    monkeypatch.setenv("AREAL_FAULT", f"rollout0.0/rollout.step@{point}:kill")
+    result = train(recipe(tmp_path, f"kill{seed}", "rollout.num_workers=2", "rollout.max_staleness=1",
+                          "trainer.steps=8", "run.eval_every=4", "checkpoint.every_steps=3"))
+    s = result.summary
+    assert s["steps"] == 8 and s["rollout_workers_lost"] == 1
+    _ledger_holds(s)
+    ids = _consumed_ids(result.run_dir)
+    assert len(ids) == len(set(ids)) == 8 * 4  # nothing trained twice, every step full
+    assert (result.run_dir / "roles" / "rollout0.1.json").exists()  # the launcher restarted it
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert max(r.get("rollout/workers_lost", 0) for r in rows) == 1
+    assert [r["eval/step"] for r in rows if "eval/accuracy" in r] == [0, 4, 8]
+
+
+@pytest.mark.slow
+def test_without_restarts_the_run_finishes_on_the_workers_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("AREAL_FAULT", "rollout1/rollout.step@30:kill")
+    result = train(recipe(tmp_path, "norestart", "rollout.num_workers=2", "rollout.max_restarts=0",
+                          "trainer.steps=5", "run.eval_every=5"))
+    assert result.summary["rollout_workers_lost"] == 1
+    assert not (result.run_dir / "roles" / "rollout1.1.json").exists()
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert rows[-1]["rollout/live_workers"] == 1
+    ids = _consumed_ids(result.run_dir)
+    assert len(ids) == len(set(ids)) == 5 * 4
+    _ledger_holds(result.summary)
+
+
+def _role_pids(run_dir: Path, name: str) -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(f"{run_dir}/roles/{name}.json".encode()) for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _stop_role_when_running(run_dir: Path, name: str, after_steps: int) -> threading.Thread:
+    def stop():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) > after_steps:
+                for pid in _role_pids(run_dir, name):
+                    os.kill(pid, signal.SIGSTOP)  # alive, but silent: no heartbeat, no answer
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=stop, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_silent_rollout_worker_is_named_and_replaced(tmp_path, capsys):
+    run_dir = tmp_path / "silent_worker"
+    stopper = _stop_role_when_running(run_dir, "rollout1.0", after_steps=2)
+    result = train(recipe(tmp_path, "silent_worker", "rollout.num_workers=2", "run.role_timeout_s=3",
+                          "trainer.steps=8", "run.eval_every=8"))
+    stopper.join()
+    assert result.summary["rollout_workers_lost"] == 1
+    assert "rollout worker 'rollout1' stopped answering" in capsys.readouterr().out.replace("\n", " ")
+    ids = _consumed_ids(result.run_dir)
+    assert len(ids) == len(set(ids)) == 8 * 4
+
+
+@pytest.mark.slow
+def test_a_silent_trainer_rank_ends_the_run_with_its_name(tmp_path):
+    run_dir = tmp_path / "silent_trainer"
+    stopper = _stop_role_when_running(run_dir, "trainer1.0", after_steps=1)
+    t0 = time.time()
+    with pytest.raises(RoleFailed, match=r"role 'trainer1' stopped answering \(nothing heard for"):
+        train(recipe(tmp_path, "silent_trainer", "trainer.world_size=2", "run.role_timeout_s=3",
+                     "trainer.steps=200", "checkpoint.every_steps=0"))
+    stopper.join()
+    assert time.time() - t0 < 120
+    time.sleep(1.0)
+    assert _role_pids(run_dir, "trainer1.0") == [] and _role_pids(run_dir, "trainer0.0") == []
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(tmp_path):
+    common = ["rollout.max_staleness=0", "trainer.steps=3", "run.eval_every=3", "trainer.max_tokens_per_microbatch=64"]
+    one = train(recipe(tmp_path, "one", *common))
+    two = train(recipe(tmp_path, "two", "trainer.world_size=2", "rollout.num_workers=2", *common))
+    a, b = read_metrics(one.run_dir / "metrics.jsonl")[1:], read_metrics(two.run_dir / "metrics.jsonl")[1:]
+    assert [r["data/group_ids"] for r in a] == [r["data/group_ids"] for r in b]
+    for key in ("reward/mean", "rollout/response_length", "train/loss", "train/grad_norm", "train/entropy",
+                "train/num_valid_tokens"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
+    assert two.summary["trainer_ranks"] == 2
+    assert one.summary["eval_accuracy_final"] == two.summary["eval_accuracy_final"]
