@@ -75,6 +75,8 @@ def run_role(spec: RoleSpec) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's: it stops every role
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # a weight group left behind (a worker died) makes the C++ store client print stack traces as warnings
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ["AREAL_ROLE"] = f"{spec.name}.{spec.incarnation}"  # areal.faults can target one role's process
     if spec.bind_host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

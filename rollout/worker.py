@@ -14,6 +14,7 @@ stopping anything; `ResumeGroups` hands such groups to a fresh worker, which con
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import time
 from collections import deque
@@ -25,6 +26,7 @@ from areal.rollout.types import GenerationOutput, PartialSample, SamplingParams
 from areal.rewards import RewardRequest
 from areal.trajectory import Group, Trajectory
 
+log = logging.getLogger("areal.rollout")
 _RESERVED = ("prompt", "completion")  # positional names of the reward signature
 
 
@@ -355,6 +357,16 @@ class RolloutWorker:
                 pause_s += apply(update, engine, mode)
                 updates += 1
 
+        def receive(call) -> None:
+            """A broken weight group (a member died mid-broadcast) is dropped, not fatal: the trainer
+            re-forms the group and `on_control` installs the new receiver."""
+            try:
+                take(call())
+            except (RuntimeError, ConnectionError) as e:
+                log.warning("weight group left after an error (the trainer re-forms it): %s", e)
+                self.receiver.abandon()
+                self.receiver = None
+
         def on_finish(group_id: int, out: GenerationOutput) -> None:
             outs = in_flight[group_id].outputs
             outs.append(out)
@@ -369,7 +381,8 @@ class RolloutWorker:
         while not (stopping and not pending and not in_flight and not evals):
             t0 = time.perf_counter()
             receiver = self.receiver
-            take(receiver.poll() if receiver is not None else None)
+            if receiver is not None:
+                receive(receiver.poll)
             idle = not (self.streaming and engine.has_unfinished())
             try:
                 msg = inbox.get(timeout=0.02) if idle and not pending and not evals else inbox.get_nowait()
@@ -390,7 +403,7 @@ class RolloutWorker:
             wanted = min([e.version for e in evals] + [pending[0].min_version] if pending else [], default=None)
             if wanted is not None and wanted > engine.version and idle and receiver is not None:
                 try:  # eta=0, a fast worker or an evaluation: waiting for weights not yet here
-                    take(receiver.wait_for(wanted, timeout=0.05))
+                    receive(lambda: receiver.wait_for(wanted, timeout=0.05))
                 except TimeoutError:
                     pass
             while evals and evals[0].version <= engine.version:
