@@ -132,7 +132,8 @@ def test_a_silent_rollout_worker_is_named_and_replaced(tmp_path, capsys):
                           "trainer.steps=8", "run.eval_every=8"))
     stopper.join()
     assert result.summary["rollout_workers_lost"] == 1
-    assert "rollout worker 'rollout1' stopped answering" in capsys.readouterr().out.replace("\n", " ")
+    printed = capsys.readouterr()
+    assert "rollout worker 'rollout1' stopped answering" in (printed.out + printed.err).replace("\n", " ")
     ids = _consumed_ids(result.run_dir)
     assert len(ids) == len(set(ids)) == 8 * 4
 

@@ -196,12 +196,20 @@ class TrainEngine:
         return (a - mean) / (std + 1e-6) * mask, returns
 
     # ---- the update -----------------------------------------------------------------------
-    def _local_rows(self, batch: TrainBatch) -> Tensor:
-        """This rank's share of the rows, balanced by token count."""
+    def _minibatch_shares(self, batch: TrainBatch) -> list[Tensor]:
+        """This rank's rows of each PPO minibatch. The minibatches are drawn from the whole batch (the same
+        on every rank, seeded by the version), then each is split over the ranks, balanced by token count:
+        so an update is the same whatever the number of ranks."""
+        gen = torch.Generator().manual_seed(self.version)
+        minibatches = torch.randperm(batch.num_sequences, generator=gen).chunk(self.cfg.minibatches)
         if self.world_size == 1:
-            return torch.arange(batch.num_sequences, device=self.device)
-        parts = split_balanced(batch.attention_mask.sum(1).tolist(), self.world_size)
-        return torch.tensor(parts[self.rank], dtype=torch.long, device=self.device)
+            return [mb.to(self.device) for mb in minibatches]
+        tokens = batch.attention_mask.sum(1)
+        shares = []
+        for mb in minibatches:
+            mine = split_balanced(tokens[mb].tolist(), self.world_size)[self.rank]
+            shares.append(mb[torch.tensor(mine, dtype=torch.long)].to(self.device))
+        return shares
 
     def _count(self, eff_mask: Tensor, rows: Tensor) -> Tensor:
         """Tokens (token-mean) or sequences with a token (sequence means) among `rows`."""
@@ -244,7 +252,8 @@ class TrainEngine:
         """One policy update: pi_prox once, then `minibatches` PPO updates; bumps the version."""
         cfg = self.cfg
         batch = batch.to(self.device)
-        local = self._local_rows(batch)
+        parts = self._minibatch_shares(batch)
+        local = torch.cat(parts)
         t0 = time.perf_counter()
         self.model.eval()
         fwd = lambda net: lambda mb: net(**_model_inputs(mb, batch.labels))[0]  # noqa: E731
@@ -264,8 +273,6 @@ class TrainEngine:
         self._eff_mask = eff.float()
         max_norm = float(self.max_new_tokens or batch.loss_mask.sum(1).max().clamp(min=1))
         self.model.train()
-        gen = torch.Generator().manual_seed(self.version)  # the same minibatch split on every rank
-        parts = local[torch.randperm(len(local), generator=gen).to(self.device)].chunk(cfg.minibatches)
         sums: dict[str, float] = {}
         weights: dict[str, float] = {}
         losses, grad_norms = [], []
