@@ -17,6 +17,7 @@ from __future__ import annotations
 import queue
 import signal
 import time
+from pathlib import Path
 
 from areal.channel import Hub, new_secret
 from areal.checkpoint.session import Preempted
@@ -25,10 +26,9 @@ from areal.console import console
 from areal.data import DataError
 from areal.driver import RunResult
 from areal.launchers import Launcher, RoleHandle, assign_devices
-from areal.messages import RoleError, RoleLost, RunFinished, Stop
+from areal.messages import RoleError, RoleLost, RunFinished, RunPlaced, Stop
 from areal.recipe import Recipe
 from areal.role import RoleSpec
-from areal.setup import place
 
 STARTUP_TIMEOUT_S = 900.0  # from process start to its first message (imports, CUDA init)
 BAD_INPUT = {"ConfigError": ConfigError, "DataError": DataError, "FileNotFoundError": FileNotFoundError}
@@ -38,9 +38,10 @@ class RoleFailed(RuntimeError):
     """A role died, failed or stopped answering; the message names it (with its traceback if any)."""
 
 
-def role_specs(recipe: Recipe, run_dir, checkpoint, hub_address: str, secret: str, bind_host: str) -> list[RoleSpec]:
-    common = dict(recipe=to_dict(recipe), run_dir=str(run_dir), hub=hub_address, secret=secret,
-                  checkpoint=str(checkpoint) if checkpoint else None, bind_host=bind_host)
+def role_specs(recipe: Recipe, recipe_path: str | None, hub_address: str, secret: str, bind_host: str) -> list[RoleSpec]:
+    """One spec per role. The run folder is left to trainer0: it places the run once every input is valid."""
+    common = dict(recipe=to_dict(recipe), run_dir="", hub=hub_address, secret=secret, bind_host=bind_host,
+                  recipe_path=recipe_path)
     trainers = [RoleSpec("trainer", r, num_threads=recipe.run.trainer_threads, **common)
                 for r in range(recipe.trainer.world_size)]
     workers = [RoleSpec("rollout", r, num_threads=recipe.rollout.threads_per_worker, **common)
@@ -49,7 +50,6 @@ def role_specs(recipe: Recipe, run_dir, checkpoint, hub_address: str, secret: st
 
 
 def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launcher | None = None) -> RunResult:
-    run_dir, checkpoint = place(recipe, recipe_path)
     if launcher is None:
         import torch
 
@@ -61,8 +61,8 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
         launcher = LocalLauncher(assign_devices(names, gpus))
     secret = new_secret()
     hub = Hub(secret, launcher.bind_host)
-    specs = {s.name: s for s in role_specs(recipe, run_dir, checkpoint, hub.address, secret, launcher.bind_host)}
-    console.print(f"[bold]areal[/bold] async run_dir={run_dir} eta={recipe.rollout.max_staleness} "
+    specs = {s.name: s for s in role_specs(recipe, recipe_path, hub.address, secret, launcher.bind_host)}
+    console.print(f"[bold]areal[/bold] async eta={recipe.rollout.max_staleness} "
                   f"trainer ranks={recipe.trainer.world_size} rollout workers={recipe.rollout.num_workers} "
                   f"backend={recipe.rollout.backend} hub={hub.address}")
     watch = Watch(hub, launcher, specs, recipe)
@@ -81,7 +81,7 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
         hub.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return RunResult(run_dir, summary)
+    return RunResult(watch.run_dir, summary)
 
 
 class Watch:
@@ -92,6 +92,7 @@ class Watch:
         self.handles: dict[str, RoleHandle] = {}
         self.started_at: dict[str, float] = {}
         self.restarts: dict[str, int] = {}
+        self.run_dir: Path | None = None  # trainer0 says where (RunPlaced)
         for name, spec in specs.items():
             self._start(name)
 
@@ -110,6 +111,10 @@ class Watch:
                     return got.msg.summary
                 if isinstance(got.msg, RoleError):
                     raise _failure(got.msg)
+                if isinstance(got.msg, RunPlaced):
+                    self.run_dir = Path(got.msg.run_dir)
+                    console.print(f"run_dir={self.run_dir}"
+                                  + (f" (resuming from {got.msg.checkpoint})" if got.msg.checkpoint else ""))
             try:
                 for name, handle in list(self.handles.items()):
                     if not handle.alive():

@@ -1,10 +1,10 @@
 """Every message the processes of a run exchange over `areal.channel`, in one place.
 
     controller -> role       Stop, RoleLost (to trainer0: a rollout worker died)
-    role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunFinished
+    role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunPlaced, RunFinished
     trainer0 -> rollout r    WeightGroup, PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, Stop
     rollout r -> trainer0    WorkerReady, GroupDone, EvalResult, WorkerSnapshot, WorkerStats
-    trainer0 -> trainer k    TrainerGroup, TrainStep, ExportModel, Stop
+    trainer0 -> trainer k    TrainerGroup, RunPlaced, TrainStep, ExportModel, Stop
 
 Each is a dataclass registered with `areal.channel.message`; fields are plain data or types with
 `to_dict()` / `from_dict()` (Group, Prompt, InFlightGroup). Weights never travel here: they go
@@ -52,6 +52,15 @@ class RoleError:
     kind: str
     message: str
     traceback: str
+
+
+@message
+@dataclass
+class RunPlaced:
+    """trainer0 validated every input and chose the run folder and the checkpoint to resume from."""
+
+    run_dir: str
+    checkpoint: str | None
 
 
 @message
@@ -116,7 +125,7 @@ class TrainStep:
 
 
 __all__ = [
-    "Hello", "Heartbeat", "Stop", "RoleError", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
+    "Hello", "Heartbeat", "Stop", "RoleError", "RunPlaced", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
     "GroupDone", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
     "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep", "ExportModel",
 ]

@@ -30,13 +30,14 @@ class RoleSpec:
     role: str  # "trainer" | "rollout"
     rank: int
     recipe: dict  # areal.config.to_dict(Recipe), already validated by the controller
-    run_dir: str
+    run_dir: str  # "": trainer0 validates the inputs, then places the run (folder, checkpoint) itself
     hub: str  # tcp://HOST:PORT of the controller's hub (areal.channel.Hub.address)
     secret: str = ""  # empty: read from $AREAL_RUN_SECRET
     checkpoint: str | None = None  # the checkpoint the run resumes from
     bind_host: str = "127.0.0.1"  # the interface this role's own listeners bind (weight store, trainer group)
     incarnation: int = 0  # 0 for the first process of this role, +1 per restart
     num_threads: int = 1
+    recipe_path: str | None = None  # names the run folder (runs/<recipe>-<time>) and finds runs to resume
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 from areal.channel import CONTROLLER, Endpoint
 from areal.config import from_dict
 from areal.console import console
-from areal.messages import ExportModel, RoleLost, RunFinished, Stop, TrainerGroup, TrainStep, WorkerReady
+from areal.messages import ExportModel, RoleLost, RunFinished, RunPlaced, Stop, TrainerGroup, TrainStep, WorkerReady
 from areal.recipe import Recipe
 from areal.role import RoleSpec
 
@@ -85,8 +85,9 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.model)
     engine = build_train_engine(recipe, load_model(recipe.model, pick_device(recipe.run.device)))
-    if spec.checkpoint:  # the torch backend's state is whole on every rank: rank 0's file serves all
-        restored = load_checkpoint(Path(spec.checkpoint))
+    placed = _wait_for(endpoint, RunPlaced, STARTUP_TIMEOUT_S, "run folder from trainer0")
+    if placed.checkpoint:  # the torch backend's state is whole on every rank: rank 0's file serves all
+        restored = load_checkpoint(Path(placed.checkpoint))
         engine.load_checkpoint_state(restored.tensors, restored.state["trainer"])
     gathers = recipe.trainer.backend == "deepspeed" and recipe.trainer.zero_stage == 3
     while True:
@@ -114,8 +115,14 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     from areal.trajectory import Group
     from areal.transport import DistSender
 
-    s = setup(recipe, run_dir=Path(spec.run_dir), checkpoint=Path(spec.checkpoint) if spec.checkpoint else None)
+    if spec.run_dir:  # placed by whoever wrote the spec
+        s = setup(recipe, run_dir=Path(spec.run_dir), checkpoint=Path(spec.checkpoint) if spec.checkpoint else None)
+    else:  # every input valid: now the run gets its folder
+        s = setup(recipe, spec.recipe_path)
     ro, tr = recipe.rollout, recipe.trainer
+    placed = RunPlaced(str(s.run_dir), str(s.checkpoint) if s.checkpoint else None)
+    for name in [CONTROLLER] + [f"trainer{k}" for k in range(1, tr.world_size)]:
+        endpoint.send(name, placed)
     engine = new_train_engine(s)
     session, restored = open_session(s, engine)
     session.preempt.install()

@@ -5,7 +5,7 @@ import pytest
 
 from areal.config import ConfigError, build
 from areal.train import train
-from areal.metrics import read_metrics
+from areal.metrics import read_metrics, undeclared
 from areal.recipe import Recipe
 
 SMALL = [
@@ -28,6 +28,7 @@ def test_eta0_async_reproduces_the_sync_loop_step_for_step(tmp_path):
         assert [r.get(key) for r in a[1:]] == pytest.approx([r.get(key) for r in b[1:]], rel=1e-5, abs=1e-7), key
     assert sync.summary["eval_accuracy_final"] == asyn.summary["eval_accuracy_final"]
     assert all(r["staleness/lag_max"] == 0 for r in b[1:])
+    assert undeclared({k for r in a + b for k in r}) == []  # sync and async rows follow the one schema
 
 
 @pytest.mark.slow
@@ -52,7 +53,8 @@ def test_eta2_run_stays_within_the_bound_and_accounts_for_every_group(tmp_path):
     assert s["eval_accuracy_final"] == evals[-1]["eval/accuracy"]
 
 
-def test_a_kv_pool_too_small_for_a_prompt_fails_before_any_process_starts(tmp_path):
+@pytest.mark.slow
+def test_a_kv_pool_too_small_for_a_prompt_is_one_line_and_leaves_no_run_folder(tmp_path):
     with pytest.raises(ConfigError, match=r"rollout.kv_blocks: 1 blocks x 16 tokens cannot hold"):
         train(recipe(tmp_path, "small_kv", "run.mode=async", "rollout.kv_blocks=1", "trainer.steps=2"))
     assert not (tmp_path / "small_kv").exists()
@@ -113,3 +115,15 @@ def test_two_rollout_workers_share_generation_and_the_evaluation(tmp_path):
     assert two.summary["eval_accuracy_initial"] == one.summary["eval_accuracy_initial"]
     assert {"weights/pause_s_total_rollout0", "weights/pause_s_total_rollout1"} <= set(records[-1])  # both reported
     assert max(r["staleness/lag_max"] for r in records[1:]) <= 1
+
+
+@pytest.mark.slow
+def test_uniform_reward_filtering_trains_on_b_groups_in_both_modes(tmp_path):
+    for mode in ("sync", "async"):
+        result = train(recipe(tmp_path, f"filter_{mode}", f"run.mode={mode}", "buffer.filter_uniform_rewards=true",
+                              "trainer.steps=3", "run.eval_every=3"))
+        rows = read_metrics(result.run_dir / "metrics.jsonl")[1:]
+        assert [len(r["data/group_ids"]) for r in rows] == [4, 4, 4], mode  # a dropped group is replaced
+        assert rows[-1]["buffer/filtered_groups"] > 0, mode  # and counted, the same way in both modes
+        ids = [g for r in rows for g in r["data/group_ids"]]
+        assert len(ids) == len(set(ids)), mode

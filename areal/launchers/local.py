@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from areal.launchers import Launcher, RoleHandle
@@ -37,18 +38,20 @@ class LocalHandle(RoleHandle):
 
 
 class LocalLauncher(Launcher):
-    """Roles as child processes of the controller. Specs are written under `run_dir/roles/`; the run
-    secret goes through the environment, never into the file. Restarts are allowed."""
+    """Roles as child processes of the controller. Specs are written to a private temporary folder
+    (named after the controller's pid); the run secret goes through the environment, never into the
+    file. Restarts are allowed."""
 
     bind_host = "127.0.0.1"
     can_restart = True
 
     def __init__(self, devices: dict[str, str] | None = None):
         self.devices = devices or {}  # role name -> CUDA_VISIBLE_DEVICES (areal.launchers.assign_devices)
+        self.spec_dir = Path(tempfile.mkdtemp(prefix=f"areal-roles-{os.getpid()}-"))
 
     def start(self, spec: RoleSpec) -> LocalHandle:
         secret, spec.secret = spec.secret, ""
-        path = spec.write(Path(spec.run_dir) / "roles" / f"{spec.name}.{spec.incarnation}.json")
+        path = spec.write(self.spec_dir / f"{spec.name}.{spec.incarnation}.json")
         env = {**os.environ, SECRET_ENV: secret, "OMP_NUM_THREADS": str(spec.num_threads),
                "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
         if spec.name in self.devices:
