@@ -136,14 +136,20 @@ class Dispatcher(threading.Thread):
         self.staleness, self.sampler, self.fleet = staleness, sampler, fleet
         self.next_group_id = first_group_id
         self.resumed, self.worker_rng = list(resumed), worker_rng or {}
-        self.lock = threading.Lock()  # a checkpoint cut holds it: no prompt leaves half-recorded
+        self.orphans: list[InFlightGroup] = []  # admitted, held by no worker (every worker is being replaced)
+        self.lock = threading.RLock()  # a checkpoint cut holds it: no prompt leaves half-recorded
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
     def reissue(self, groups: list[InFlightGroup]) -> None:
-        """Hand a lost worker's groups (or a checkpoint's) to the live workers, ahead of newer prompts."""
+        """Hand a lost worker's groups (or a checkpoint's) to the live workers, ahead of newer prompts;
+        with no worker live they wait in `orphans` for the next one that joins."""
         with self.lock:
+            groups, self.orphans = self.orphans + list(groups), []
             live = list(self.fleet.live)
+            if not live:
+                self.orphans = groups
+                return
             for i, rank in enumerate(live):
                 mine = groups[i::len(live)]
                 rng = self.worker_rng.pop(str(rank), None)
@@ -210,13 +216,21 @@ class RemoteEvaluator:
         future.set_result(merge_eval_results(list(parts.values())))
 
     def lose(self, rank: int) -> None:
+        """Shards `rank` had not answered go to another live worker (or to the next one that joins)."""
+        self._reassign(lambda owner: owner == rank)
+
+    def adopt(self) -> None:
+        """A worker joined: shards whose worker died while none was live go to it."""
+        self._reassign(lambda owner: owner is None)
+
+    def _reassign(self, orphaned) -> None:
         with self._lock:
             for future, parts, asked in self._pending.values():
                 for shard, (owner, request) in list(asked.items()):
-                    if owner == rank and shard not in parts:
+                    if orphaned(owner) and shard not in parts:
                         other = self.fleet.next_rank()
+                        asked[shard] = (other, request)
                         if other is not None:
-                            asked[shard] = (other, request)
                             self.fleet.send(other, request)
 
 
@@ -246,12 +260,13 @@ class Collector(threading.Thread):
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
-    def start_cut(self, workers: list[int]) -> Future:
+    def start_cut(self, workers: list[int], unassigned: list[InFlightGroup] = ()) -> Future:
         """Record the rollout side of a cut (call with `lock` held, before sending the requests);
-        the Future resolves to {"rollout": ...} once every worker has answered."""
+        the Future resolves to {"rollout": ...} once every worker has answered. `unassigned`: admitted
+        groups no worker holds right now (the dispatcher's orphans)."""
         if self._cut is not None:
             raise RuntimeError("a checkpoint cut is already being recorded")
-        self._cut = _Cut(set(workers), [], [], {}, Future())
+        self._cut = _Cut(set(workers), [], list(unassigned), {}, Future())
         done = self._cut.done
         self._finish_cut_if_done()  # no live worker: nothing to wait for
         return done
@@ -286,6 +301,8 @@ class Collector(threading.Thread):
         elif isinstance(msg, WorkerReady):
             self.fleet.join(rank)
             self.on_membership()
+            self.dispatcher.reissue([])  # what waited for a worker
+            self.evaluator.adopt()
         elif isinstance(msg, RoleLost) and msg.role.startswith("rollout"):
             lost = worker_rank(msg.role)
             groups = self.fleet.lose(lost)
@@ -343,7 +360,7 @@ class AsyncLoop:
             loop = {"sampler": p.dispatcher.sampler.state(), "next_group_id": p.dispatcher.next_group_id,
                     "admission": p.staleness.state(), "buffer": counters, "held": [g.to_dict() for g in held]}
             live = list(p.fleet.live)
-            rollout = p.collector.start_cut(live)
+            rollout = p.collector.start_cut(live, p.dispatcher.orphans)
             for rank in live:
                 p.fleet.send(rank, SnapshotRequest(p.staleness.version))
         return {"loop": loop}, [rollout]

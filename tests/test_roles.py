@@ -87,6 +87,19 @@ def test_a_rollout_worker_killed_mid_run_loses_nothing_and_is_replaced(tmp_path,
 
 
 @pytest.mark.slow
+def test_the_only_worker_killed_during_the_first_evaluation_is_replaced_and_the_run_finishes(tmp_path, monkeypatch):
+    # while no worker is live, its prompts and its evaluation shard wait for the replacement
+    monkeypatch.setenv("AREAL_FAULT", "rollout0.0/rollout.step@3:kill")
+    result = train(recipe(tmp_path, "only", "rollout.max_staleness=0", "trainer.steps=4", "run.eval_every=4"))
+    assert result.summary["rollout_workers_lost"] == 1
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["eval/step"] for r in rows if "eval/accuracy" in r] == [0, 4]
+    ids = _consumed_ids(result.run_dir)
+    assert len(ids) == len(set(ids)) == 4 * 4
+    _ledger_holds(result.summary)
+
+
+@pytest.mark.slow
 def test_without_restarts_the_run_finishes_on_the_workers_left(tmp_path, monkeypatch):
     monkeypatch.setenv("AREAL_FAULT", "rollout1/rollout.step@10:kill")
     result = train(recipe(tmp_path, "norestart", "rollout.num_workers=2", "rollout.max_restarts=0",
