@@ -357,15 +357,16 @@ class RolloutWorker:
                 pause_s += apply(update, engine, mode)
                 updates += 1
 
-        def receive(call) -> None:
-            """A broken weight group (a member died mid-broadcast) is dropped, not fatal: the trainer
-            re-forms the group and `on_control` installs the new receiver."""
+        def receive(receiver, call) -> None:
+            """A broken weight group (a member died mid-broadcast) is left, not fatal: the trainer
+            re-forms the group and `on_control` installs the new receiver (perhaps already)."""
             try:
                 take(call())
             except (RuntimeError, ConnectionError) as e:
                 log.warning("weight group left after an error (the trainer re-forms it): %s", e)
-                self.receiver.abandon()
-                self.receiver = None
+                receiver.abandon()
+                if self.receiver is receiver:
+                    self.receiver = None
 
         def on_finish(group_id: int, out: GenerationOutput) -> None:
             outs = in_flight[group_id].outputs
@@ -382,10 +383,11 @@ class RolloutWorker:
             t0 = time.perf_counter()
             receiver = self.receiver
             if receiver is not None:
-                receive(receiver.poll)
+                receive(receiver, receiver.poll)
             idle = not (self.streaming and engine.has_unfinished())
             try:
-                msg = inbox.get(timeout=0.02) if idle and not pending and not evals else inbox.get_nowait()
+                # nothing to step: wait a little for a message (admitted groups waiting for weights need no hot loop)
+                msg = inbox.get(timeout=0.02) if idle else inbox.get_nowait()
             except queue.Empty:
                 msg = False
             if msg is None:
@@ -400,10 +402,11 @@ class RolloutWorker:
                 pending.extend(InFlightGroup(g, msg.min_version, p) for g, p in zip(msg.group_ids, msg.prompts))
             elif msg is not False and on_control is not None:
                 on_control(msg)
-            wanted = min([e.version for e in evals] + [pending[0].min_version] if pending else [], default=None)
+            receiver = self.receiver  # on_control may have just replaced it
+            wanted = min([e.version for e in evals] + ([pending[0].min_version] if pending else []), default=None)
             if wanted is not None and wanted > engine.version and idle and receiver is not None:
                 try:  # eta=0, a fast worker or an evaluation: waiting for weights not yet here
-                    receive(lambda: receiver.wait_for(wanted, timeout=0.05))
+                    receive(receiver, lambda: receiver.wait_for(wanted, timeout=0.05))
                 except TimeoutError:
                     pass
             while evals and evals[0].version <= engine.version:
