@@ -163,16 +163,21 @@ class Watch:
             return
         reason = f"stopped answering (nothing heard for {silent:.0f} s, run.role_timeout_s={self.recipe.run.role_timeout_s:g})"
         if not name.startswith("rollout"):
+            handle.kill()  # it cannot stop by itself: it is not even answering
             raise RoleFailed(f"role '{name}' {reason}")
-        handle.send_signal(signal.SIGKILL)  # replaced like a worker that died
-        handle.stop(timeout=5)
+        handle.kill()  # replaced like a worker that died
         self._died(name, reason)
 
-    def stop_all(self) -> None:
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        """Tell every role to stop; whatever has not exited within `grace_s` (all together) is killed:
+        a role stuck in a collective with a dead peer, or one that stopped answering, never exits by itself."""
         for name in self.handles:
             self.hub.send(name, Stop("run over"))
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(h.alive() for h in self.handles.values()):
+            time.sleep(0.05)
         for handle in self.handles.values():
-            handle.stop(timeout=10)
+            handle.kill()
 
 
 class _Finished(Exception):

@@ -511,7 +511,8 @@ def test_dead_publisher_surfaces_an_error_on_the_receiver():
 
 
 def test_receiver_that_never_joins_times_out():
-    pub = WeightPublisher(DistSender(num_receivers=1, timeout_s=1.5))  # connect timeout = timeout_s
+    # connect timeout = timeout_s; nobody re-forms the group here, so the failure is final at once
+    pub = WeightPublisher(DistSender(num_receivers=1, timeout_s=1.5), reform_wait_s=0.0)
     pub.publish(1, make_weights(1))
     with pytest.raises(RuntimeError, match="weight publisher failed"):
         pub.wait(TIMEOUT_S)

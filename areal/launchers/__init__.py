@@ -27,7 +27,12 @@ class RoleHandle(ABC):
         """Deliver a signal to the role's process (pre-emption reaches the trainer this way)."""
 
     @abstractmethod
-    def stop(self, timeout: float = 10.0) -> None: ...
+    def stop(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` for the role to exit by itself, then terminate it, then kill it."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End the role now (SIGKILL or the launcher's equivalent)."""
 
 
 class Launcher(ABC):

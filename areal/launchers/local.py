@@ -26,6 +26,11 @@ class LocalHandle(RoleHandle):
         if self.alive():
             self.process.send_signal(sig)
 
+    def kill(self) -> None:
+        if self.alive():
+            self.process.kill()
+            self.process.wait(10)
+
     def stop(self, timeout: float = 10.0) -> None:
         for ask in (None, self.process.terminate, self.process.kill):
             if ask is not None and self.alive():
