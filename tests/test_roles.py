@@ -181,5 +181,8 @@ def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(
                 "train/num_valid_tokens"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
     assert two.summary["trainer_ranks"] == 2
+    evals = [r for r in read_metrics(two.run_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    assert [(r["eval/step"], r["eval/num_prompts"]) for r in evals] == [(0, 16), (3, 16)]  # two shards, merged
+    assert {"weights/pause_s_total_rollout0", "weights/pause_s_total_rollout1"} <= set(b[-1])  # both reported
     assert undeclared({k for r in a + b for k in r}) == []  # every key has its meaning in the one schema
     assert one.summary["eval_accuracy_final"] == two.summary["eval_accuracy_final"]
