@@ -51,7 +51,8 @@ from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
 from areal.messages import (EvalRequest, EvalResult, GroupDone, InFlightGroup, PromptBatch, ResumeGroups, RoleLost,
-                            SnapshotRequest, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot, WorkerStats)
+                            ShardSaved, SnapshotRequest, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot,
+                            WorkerStats)
 from areal.trainer.batch import build_batch
 from areal.trajectory import Group
 
@@ -250,10 +251,11 @@ class Collector(threading.Thread):
     evaluator, worker stats, workers joining and lost; records the rollout side of a checkpoint cut."""
 
     def __init__(self, endpoint, buffer: TrajectoryBuffer, fleet: Fleet, dispatcher: Dispatcher,
-                 evaluator: RemoteEvaluator, on_membership):
+                 evaluator: RemoteEvaluator, on_membership, on_shard_saved=None):
         super().__init__(name="areal-collector", daemon=True)
         self.endpoint, self.buffer, self.fleet, self.dispatcher = endpoint, buffer, fleet, dispatcher
         self.evaluator, self.on_membership = evaluator, on_membership
+        self.on_shard_saved = on_shard_saved  # another trainer rank's checkpoint shard (ZeRO)
         self.worker_stats: dict[int, dict] = {}
         self.lock = threading.Lock()  # a checkpoint cut holds it: no group is between inbox and buffer
         self._cut: _Cut | None = None
@@ -303,6 +305,8 @@ class Collector(threading.Thread):
             self.on_membership()
             self.dispatcher.reissue([])  # what waited for a worker
             self.evaluator.adopt()
+        elif isinstance(msg, ShardSaved) and self.on_shard_saved is not None:
+            self.on_shard_saved(msg)
         elif isinstance(msg, RoleLost) and msg.role.startswith("rollout"):
             lost = worker_rank(msg.role)
             groups = self.fleet.lose(lost)

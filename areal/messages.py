@@ -4,7 +4,8 @@
     role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunPlaced, RunFinished
     trainer0 -> rollout r    WeightGroup, PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, Stop
     rollout r -> trainer0    WorkerReady, GroupDone, EvalResult, WorkerSnapshot, WorkerStats
-    trainer0 -> trainer k    TrainerGroup, RunPlaced, TrainStep, ExportModel, Stop
+    trainer0 -> trainer k    TrainerGroup, RunPlaced, TrainStep, SaveCheckpoint, ExportModel, Stop
+    trainer k -> trainer0    ShardSaved
 
 Each is a dataclass registered with `areal.channel.message`; fields are plain data or types with
 `to_dict()` / `from_dict()` (Group, Prompt, InFlightGroup). Weights never travel here: they go
@@ -127,7 +128,7 @@ class TrainStep:
 __all__ = [
     "Hello", "Heartbeat", "Stop", "RoleError", "RunPlaced", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
     "GroupDone", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
-    "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep", "ExportModel",
+    "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep", "ExportModel", "SaveCheckpoint", "ShardSaved",
 ]
 
 
@@ -137,3 +138,23 @@ class ExportModel:
     """Join the export of the policy to `path` (a gather every trainer rank takes part in; rank 0 writes)."""
 
     path: str
+
+
+@message
+@dataclass
+class SaveCheckpoint:
+    """Write this rank's shard of checkpoint `step` (ZeRO over several ranks; trainer0 commits it)."""
+
+    step: int
+    wait: bool = False
+
+
+@message
+@dataclass
+class ShardSaved:
+    """Rank `rank` started its shard of checkpoint `step`; `meta` is its train-engine meta (JSON), which
+    trainer0 keeps in the checkpoint's state so the rank can load its own partition on resume."""
+
+    step: int
+    rank: int
+    meta: dict

@@ -76,11 +76,8 @@ class Recipe:
             raise ConfigError(f"trainer.world_size: must be >= 1, got {tr.world_size}")
         if tr.world_size > 1 and self.run.mode != "async":
             raise ConfigError("trainer.world_size: several trainer ranks need run.mode=async")
-        sharded = tr.backend == "deepspeed" and tr.zero_stage >= 1
-        if tr.world_size > 1 and sharded and (tr.zero_stage == 3 or self.checkpoint.every_steps or self.checkpoint.every_seconds):
-            raise ConfigError(
-                f"trainer.world_size={tr.world_size} with ZeRO stage {tr.zero_stage}: per-rank checkpoint shards and "
-                "the ZeRO-3 export gather from several trainer processes are not supported yet; use trainer.backend=torch "
-                "(DDP), or ZeRO 1-2 with checkpoint.every_steps=0 checkpoint.every_seconds=0")
+        if tr.world_size > 1 and tr.backend == "deepspeed" and tr.zero_stage == 3:
+            raise ConfigError(f"trainer.world_size={tr.world_size} with ZeRO stage 3 is not supported yet (stages 1-2 "
+                              "and trainer.backend=torch are)")
         if self.reward.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s: must be > 0, got {self.reward.timeout_s}")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 from areal.channel import CONTROLLER, Endpoint
 from areal.config import from_dict
 from areal.console import console
-from areal.messages import ExportModel, RoleLost, RunFinished, RunPlaced, Stop, TrainerGroup, TrainStep, WorkerReady
+from areal.messages import (ExportModel, RoleLost, RunFinished, RunPlaced, SaveCheckpoint, ShardSaved, Stop,
+                            TrainerGroup, TrainStep, WorkerReady)
 from areal.recipe import Recipe
 from areal.role import RoleSpec
 
@@ -74,31 +76,73 @@ def trainer_main(spec: RoleSpec, endpoint: Endpoint) -> None:
 
 
 def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
-    """Rank k > 0: the same engine, the same checkpoint; trains each `TrainStep` trainer0 hands it."""
+    """Rank k > 0: the same engine, the same checkpoint; trains each `TrainStep` trainer0 hands it, and
+    under ZeRO writes its shard of each checkpoint trainer0 starts."""
     from areal.checkpoint.export import export_model
-    from areal.checkpoint.session import load_checkpoint
+    from areal.checkpoint.session import CheckpointSession, load_checkpoint
+    from areal.config import to_dict
     from areal.model import load_model, load_tokenizer
     from areal.runtime import pick_device, seed_everything
-    from areal.setup import build_train_engine
+    from areal.setup import build_train_engine, shards_per_checkpoint
     from areal.trainer.batch import build_batch
 
     seed_everything(recipe.run.seed)
     tokenizer = load_tokenizer(recipe.model)
     engine = build_train_engine(recipe, load_model(recipe.model, pick_device(recipe.run.device)))
     placed = _wait_for(endpoint, RunPlaced, STARTUP_TIMEOUT_S, "run folder from trainer0")
-    if placed.checkpoint:  # the torch backend's state is whole on every rank: rank 0's file serves all
-        restored = load_checkpoint(Path(placed.checkpoint))
-        engine.load_checkpoint_state(restored.tensors, restored.state["trainer"])
+    sharded = shards_per_checkpoint(recipe) > 1
+    if placed.checkpoint:  # ZeRO: this rank's own partition; the torch backend: rank 0's whole state serves all
+        restored = load_checkpoint(Path(placed.checkpoint), rank=spec.rank if sharded else 0)
+        meta = restored.state["trainer_ranks"][str(spec.rank)] if sharded else restored.state["trainer"]
+        engine.load_checkpoint_state(restored.tensors, meta)
+    session = None
+    if sharded:
+        session = CheckpointSession(recipe.checkpoint, Path(placed.run_dir), engine, to_dict(recipe), tokenizer,
+                                    rank=spec.rank, world_size=shards_per_checkpoint(recipe))
     gathers = recipe.trainer.backend == "deepspeed" and recipe.trainer.zero_stage == 3
-    while True:
-        msg = _wait_for(endpoint, (TrainStep, ExportModel), None, "training step")
-        if isinstance(msg, ExportModel):
-            export_model(engine, Path(msg.path), tokenizer)
-            continue
-        engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id))
-        if gathers:  # trainer0 gathers the full weights to publish them: a collective every rank joins
-            for _ in engine.named_weights():
-                pass
+    try:
+        while True:
+            msg = _wait_for(endpoint, (TrainStep, ExportModel, SaveCheckpoint), None, "training step")
+            if isinstance(msg, ExportModel):
+                export_model(engine, Path(msg.path), tokenizer)
+            elif isinstance(msg, SaveCheckpoint):  # the meta first: trainer0 commits only once it has it
+                endpoint.send("trainer0", ShardSaved(msg.step, spec.rank, engine.checkpoint_state()[1]))
+                session.save(msg.step, {}, wait=msg.wait)
+            else:
+                engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id))
+                if gathers:  # trainer0 gathers the full weights to publish them: a collective every rank joins
+                    for _ in engine.named_weights():
+                        pass
+    finally:
+        if session is not None:
+            session.close()  # the shard being written is finished before the process ends
+
+
+class ShardMetas:
+    """trainer0's side of a ZeRO checkpoint over several ranks: each other rank's engine meta, per step,
+    resolved into the checkpoint's state as {"trainer_ranks": {rank: meta}}."""
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        self._pending: dict[int, tuple] = {}
+        self._lock = threading.Lock()
+
+    def expect(self, step: int):
+        with self._lock:
+            return self._entry(step)[0]
+
+    def deliver(self, msg: ShardSaved) -> None:
+        with self._lock:
+            future, metas = self._entry(msg.step)
+            metas[str(msg.rank)] = msg.meta
+            if len(metas) == len(self.ranks):
+                del self._pending[msg.step]
+                future.set_result({"trainer_ranks": metas})
+
+    def _entry(self, step: int):
+        from concurrent.futures import Future
+
+        return self._pending.setdefault(step, (Future(), {}))
 
 
 def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
@@ -128,6 +172,15 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     session.preempt.install()
     followers = [f"trainer{k}" for k in range(1, tr.world_size)]
     session.on_export = lambda out_dir: [endpoint.send(f, ExportModel(str(out_dir))) for f in followers]
+    shard_metas = ShardMetas(list(range(1, tr.world_size)))
+    if session.checkpointer.world_size > 1:  # ZeRO: every rank writes its shard of each checkpoint rank 0 starts
+        def on_save(step: int, wait: bool) -> list:
+            expected = shard_metas.expect(step)
+            for f in followers:
+                endpoint.send(f, SaveCheckpoint(step, wait))
+            return [expected]
+
+        session.on_save = on_save
     staleness = StalenessController(tr.batch_size, ro.max_staleness, ro.max_concurrent)
     buffer = TrajectoryBuffer(recipe.buffer, staleness)
     sampler = PromptSampler(s.train_prompts, recipe.data.shuffle_seed)
@@ -157,7 +210,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     fleet = Fleet(endpoint, new_sender)
     dispatcher = Dispatcher(staleness, sampler, fleet, first_group_id, in_flight, worker_rng)
     evaluator = RemoteEvaluator(fleet, s.test_prompts, ro.eval_max_new_tokens)
-    collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, membership_changed)
+    collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, membership_changed, shard_metas.deliver)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while len(fleet.live) < ro.num_workers:  # every worker loaded its model: form the first weight group
         try:

@@ -131,9 +131,17 @@ def new_train_engine(s: Setup) -> TrainEngine:
     return build_train_engine(s.recipe, s.policy)
 
 
+def shards_per_checkpoint(recipe: Recipe) -> int:
+    """Trainer ranks that write a shard of each checkpoint: all of them under ZeRO (each holds a partition),
+    else rank 0 alone (DDP: every rank holds the whole state)."""
+    tr = recipe.trainer
+    return tr.world_size if tr.backend == "deepspeed" and tr.zero_stage >= 1 else 1
+
+
 def open_session(s: Setup, engine: TrainEngine) -> tuple[CheckpointSession, Restored | None]:
     """The run's checkpoint session; on resume, the trainer's state is restored into `engine`."""
-    session = CheckpointSession(s.recipe.checkpoint, s.run_dir, engine, to_dict(s.recipe), s.tokenizer)
+    session = CheckpointSession(s.recipe.checkpoint, s.run_dir, engine, to_dict(s.recipe), s.tokenizer,
+                                world_size=shards_per_checkpoint(s.recipe))
     restored = load_checkpoint(s.checkpoint) if s.checkpoint is not None else None
     if restored is not None:
         session.restore_trainer(restored)

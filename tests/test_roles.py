@@ -186,3 +186,23 @@ def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(
     assert {"weights/pause_s_total_rollout0", "weights/pause_s_total_rollout1"} <= set(b[-1])  # both reported
     assert undeclared({k for r in a + b for k in r}) == []  # every key has its meaning in the one schema
     assert one.summary["eval_accuracy_final"] == two.summary["eval_accuracy_final"]
+
+
+@pytest.mark.slow
+def test_two_zero2_ranks_checkpoint_their_shards_and_resume_exactly(tmp_path, monkeypatch):
+    common = ["trainer.backend=deepspeed", "trainer.zero_stage=2", "trainer.world_size=2", "rollout.max_staleness=0",
+              "trainer.steps=6", "run.eval_every=6", "checkpoint.every_steps=2"]
+    whole = train(recipe(tmp_path, "whole", *common))
+    # trainer0 dies in step 5's update (4 minibatch updates per step): checkpoints 2 and 4 hold two shards each
+    monkeypatch.setenv("AREAL_FAULT", "trainer0.0/trainer.update@19:kill")
+    with pytest.raises(RoleFailed, match="trainer"):  # trainer0 died, or trainer1 lost it mid-collective
+        train(recipe(tmp_path, "crashed", *common))
+    monkeypatch.delenv("AREAL_FAULT")
+    latest = sorted((tmp_path / "crashed" / "ckpt").glob("step_*[0-9]"))[-1]
+    assert {p.name for p in latest.glob("rank*.safetensors")} == {"rank00000.safetensors", "rank00001.safetensors"}
+    resumed = train(recipe(tmp_path, "crashed", *common))  # the same command
+    assert resumed.summary["resumed_from_step"] in (2, 4)
+    a, b = read_metrics(whole.run_dir / "metrics.jsonl")[1:], read_metrics(resumed.run_dir / "metrics.jsonl")[1:]
+    assert [r["data/group_ids"] for r in a] == [r["data/group_ids"] for r in b]
+    for key in ("train/loss", "train/grad_norm", "reward/mean"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key

@@ -78,9 +78,10 @@ class Restored:
     tensors: dict[str, torch.Tensor]
 
 
-def load_checkpoint(path: Path) -> Restored:
-    ckpt = store.load(path, ranks=[0])  # one trainer rank today; several come with multi-rank trainers
-    return Restored(ckpt.step, ckpt.path, ckpt.state, ckpt.tensors[0])
+def load_checkpoint(path: Path, rank: int = 0) -> Restored:
+    """Checkpoint `path` as trainer rank `rank` sees it: the run's state and that rank's tensors."""
+    ckpt = store.load(path, ranks=[rank])
+    return Restored(ckpt.step, ckpt.path, ckpt.state, ckpt.tensors[rank])
 
 
 def truncate_metrics(run_dir: Path, step: int) -> list[dict]:
@@ -96,15 +97,21 @@ def truncate_metrics(run_dir: Path, step: int) -> list[dict]:
 
 
 class CheckpointSession:
-    """The run's checkpoint policy around a `LazyCheckpointer`, for the process that trains (rank 0)."""
+    """The run's checkpoint policy around a `LazyCheckpointer`. Rank 0 decides when; with ZeRO over several
+    trainer ranks (`world_size` > 1) every rank writes its own shard of the same checkpoint when told."""
 
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path, engine, config: dict, tokenizer):
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, engine, config: dict, tokenizer, *, rank: int = 0,
+                 world_size: int = 1):
         self.cfg, self.run_dir, self.engine, self.config, self.tokenizer = cfg, run_dir, engine, config, tokenizer
-        self.checkpointer = LazyCheckpointer(run_dir / "ckpt", keep_last=cfg.keep_last, on_busy=cfg.on_busy,
-                                             config_hash=store.config_hash(config), log=log)
+        # another rank writes whatever rank 0 started: it must never skip a step rank 0 saves
+        self.checkpointer = LazyCheckpointer(run_dir / "ckpt", keep_last=cfg.keep_last,
+                                             on_busy=cfg.on_busy if rank == 0 else "wait", rank=rank,
+                                             world_size=world_size, config_hash=store.config_hash(config), log=log)
         engine.set_before_step(self._before_update)
         self.preempt = PreemptionFlag()
         self.on_export = None  # out_dir -> None: tells the other trainer ranks to join the export
+        # (step, wait) -> futures of state to add: tells the other trainer ranks to write their shards
+        self.on_save = None
         self._last_save = time.monotonic()
         self.committed: list[dict] = []
 
@@ -142,6 +149,8 @@ class CheckpointSession:
 
     def save(self, step: int, loop_state: dict, extras: list[Future] = (), *, wait: bool = False) -> bool:
         """Start checkpoint `step` (returns at once unless `wait`); False when skipped."""
+        if self.on_save is not None:
+            extras = [*extras, *self.on_save(step, wait)]
         tensors, meta = self.engine.checkpoint_state()
         state = {"step": step, "config": self.config, "trainer": meta, "rng": rng_state(), **loop_state}
         self._last_save = time.monotonic()
