@@ -283,6 +283,11 @@ class Collector(threading.Thread):
                 "worker_rng": cut.rng,
             }})
 
+    def handle(self, got) -> None:
+        """One message of trainer0's inbox (`run` calls this; trainer0 too, before the thread starts)."""
+        with self.lock:
+            self._handle(worker_rank(got.src) if got.src.startswith("rollout") else -1, got.msg)
+
     def _handle(self, rank: int, msg) -> None:
         cut = self._cut
         if isinstance(msg, GroupDone):
@@ -325,9 +330,7 @@ class Collector(threading.Thread):
                     got = self.endpoint.recv(timeout=0.05)
                 except queue.Empty:
                     continue
-                rank = worker_rank(got.src) if got.src.startswith("rollout") else -1
-                with self.lock:
-                    self._handle(rank, got.msg)
+                self.handle(got)
         except BaseException as e:  # noqa: BLE001
             self.error = e
 

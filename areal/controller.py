@@ -106,16 +106,9 @@ class Watch:
                 got = self.hub.recv(timeout=0.2)
             except queue.Empty:
                 got = None
-            if got is not None:
-                if isinstance(got.msg, RunFinished):
-                    return got.msg.summary
-                if isinstance(got.msg, RoleError):
-                    raise _failure(got.msg)
-                if isinstance(got.msg, RunPlaced):
-                    self.run_dir = Path(got.msg.run_dir)
-                    console.print(f"run_dir={self.run_dir}"
-                                  + (f" (resuming from {got.msg.checkpoint})" if got.msg.checkpoint else ""))
             try:
+                if got is not None:
+                    self._on_message(got.msg)
                 for name, handle in list(self.handles.items()):
                     if not handle.alive():
                         self._died(name, f"exited with code {handle.exitcode()}")
@@ -124,17 +117,22 @@ class Watch:
             except _Finished as done:
                 return done.summary
 
+    def _on_message(self, msg) -> None:
+        if isinstance(msg, RunFinished):
+            raise _Finished(msg.summary)
+        if isinstance(msg, RoleError):
+            raise _failure(msg)
+        if isinstance(msg, RunPlaced):
+            self.run_dir = Path(msg.run_dir)
+            console.print(f"run_dir={self.run_dir}" + (f" (resuming from {msg.checkpoint})" if msg.checkpoint else ""))
+
     def _died(self, name: str, reason: str) -> None:
         deadline = time.monotonic() + 1.0  # its own error report, or the summary, may still be on its way
         while time.monotonic() < deadline:
             try:
-                got = self.hub.recv(timeout=0.1)
+                self._on_message(self.hub.recv(timeout=0.1).msg)
             except queue.Empty:
                 continue
-            if isinstance(got.msg, RoleError):
-                raise _failure(got.msg)
-            if isinstance(got.msg, RunFinished):
-                raise _Finished(got.msg.summary)
         if not name.startswith("rollout"):
             raise RoleFailed(f"role '{name}' {reason} before the run finished")
         self.hub.forget(name)

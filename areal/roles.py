@@ -17,7 +17,7 @@ from pathlib import Path
 from areal.channel import CONTROLLER, Endpoint
 from areal.config import from_dict
 from areal.console import console
-from areal.messages import (ExportModel, RoleLost, RunFinished, RunPlaced, SaveCheckpoint, ShardSaved, Stop,
+from areal.messages import (ExportModel, RunFinished, RunPlaced, SaveCheckpoint, ShardSaved, Stop,
                             TrainerGroup, TrainStep, WorkerReady)
 from areal.recipe import Recipe
 from areal.role import RoleSpec
@@ -147,7 +147,7 @@ class ShardMetas:
 
 def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     """Rank 0: build the parts (restoring a checkpoint's cut), wait for the workers, drive the loop."""
-    from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, Fleet, RemoteEvaluator, worker_rank
+    from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, Fleet, RemoteEvaluator
     from areal.buffer.staleness import StalenessController
     from areal.buffer.trajectory_buffer import TrajectoryBuffer
     from areal.checkpoint.session import Preempted
@@ -220,10 +220,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
                 missing = sorted(set(range(ro.num_workers)) - set(fleet.live))
                 raise TimeoutError(f"rollout workers {missing} did not start within {STARTUP_TIMEOUT_S:.0f} s") from None
             continue
-        if isinstance(got.msg, RoleLost):
-            fleet.lose(worker_rank(got.msg.role))
-        else:
-            collector._handle(worker_rank(got.src) if got.src.startswith("rollout") else -1, got.msg)
+        collector.handle(got)
     publisher = WeightPublisher(fleet.weight_group())
     collector.start()
     parts = AsyncParts(engine, publisher, staleness, buffer, fleet, dispatcher, collector, endpoint, tr.world_size)
@@ -291,7 +288,7 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
 
         @staticmethod
         def get_nowait():
-            return Inbox.get(0.0) if not endpoint.inbox.empty() else _raise_empty()
+            return Inbox.get(0.0)  # raises queue.Empty at once when nothing is there
 
     class Outbox:
         @staticmethod
@@ -315,6 +312,3 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
             if worker.receiver is not None:
                 worker.receiver.abandon()
 
-
-def _raise_empty():
-    raise queue.Empty

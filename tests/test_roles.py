@@ -15,23 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from areal.config import build
 from areal.controller import RoleFailed
 from areal.data import DataError
 from areal.metrics import read_metrics, undeclared
-from areal.recipe import Recipe
 from areal.role import RoleSpec
 from areal.train import train
 
-SMALL = [
-    "trainer.batch_size=4", "rollout.group_size=4", "data.eval_size=16", "rollout.backend=engine",
-    "logging.wandb.mode=disabled", "logging.progress_bar=false", "run.trainer_threads=1", "trainer.lr=1e-4",
-    "run.mode=async",
-]
+from test_async_pipeline import recipe as small_recipe
 
 
 def recipe(tmp_path, name, *extra):
-    return build(Recipe, "math", [*SMALL, f"run.run_dir={tmp_path / name}", *extra])
+    return small_recipe(tmp_path, name, "run.mode=async", *extra)
 
 
 def _ledger_holds(summary: dict) -> None:

@@ -236,9 +236,7 @@ class WeightPublisher:
                     self._cond.wait()
                 if self._next_transport is not None:
                     continue
-                if self._pending is None:  # closing and nothing left
-                    if transport is not None:
-                        transport.close()
+                if self._pending is None:  # closing and nothing left (close() closes the transport)
                     return
                 snap, self._pending, self._sending = self._pending, None, self._pending
             try:
