@@ -240,6 +240,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             "eta": ro.max_staleness,
             "trainer_ranks": tr.world_size,
             "rollout_workers_lost": fleet.lost,
+            "rollout_workers_live": len(fleet.live),
             "duplicate_groups": fleet.duplicates,
         }
 

@@ -98,9 +98,9 @@ def test_without_restarts_the_run_finishes_on_the_workers_left(tmp_path, monkeyp
     monkeypatch.setenv("AREAL_FAULT", "rollout1/rollout.step@10:kill")
     result = train(recipe(tmp_path, "norestart", "rollout.num_workers=2", "rollout.max_restarts=0",
                           "trainer.steps=5", "run.eval_every=5"))
+    # the step rows may be written before trainer0 hears of the loss; the summary is written after it
     assert result.summary["rollout_workers_lost"] == 1
-    rows = read_metrics(result.run_dir / "metrics.jsonl")
-    assert rows[-1]["rollout/live_workers"] == 1
+    assert result.summary["rollout_workers_live"] == 1
     ids = _consumed_ids(result.run_dir)
     assert len(ids) == len(set(ids)) == 5 * 4
     _ledger_holds(result.summary)
