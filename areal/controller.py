@@ -25,7 +25,7 @@ from areal.config import ConfigError, to_dict
 from areal.console import console
 from areal.data import DataError
 from areal.driver import RunResult
-from areal.launchers import Launcher, RoleHandle, assign_devices
+from areal.launchers import Launcher, RoleHandle, make_launcher
 from areal.messages import RoleError, RoleLost, RunFinished, RunPlaced, Stop
 from areal.recipe import Recipe
 from areal.role import RoleSpec
@@ -50,15 +50,7 @@ def role_specs(recipe: Recipe, recipe_path: str | None, hub_address: str, secret
 
 
 def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launcher | None = None) -> RunResult:
-    if launcher is None:
-        import torch
-
-        from areal.launchers.local import LocalLauncher
-
-        names = [f"trainer{r}" for r in range(recipe.trainer.world_size)] + \
-                [f"rollout{r}" for r in range(recipe.rollout.num_workers)]
-        gpus = torch.cuda.device_count() if recipe.run.device != "cpu" else 0
-        launcher = LocalLauncher(assign_devices(names, gpus))
+    launcher = launcher or make_launcher(recipe)
     secret = new_secret()
     hub = Hub(secret, launcher.bind_host)
     specs = {s.name: s for s in role_specs(recipe, recipe_path, hub.address, secret, launcher.bind_host)}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from areal.buffer.config import BufferConfig
 from areal.checkpoint.config import CheckpointConfig
 from areal.data import DataConfig
+from areal.launchers.config import LauncherConfig
 from areal.metrics import LoggingConfig
 from areal.model import ModelConfig
 from areal.options import option
@@ -50,6 +51,7 @@ class Recipe:
     checkpoint: CheckpointConfig = option(CheckpointConfig(), "Checkpoints, resume and model export.")
     logging: LoggingConfig = option(LoggingConfig(), "Metrics and console.")
     run: RunConfig = option(RunConfig(), "Run-wide settings.")
+    launcher: LauncherConfig = option(LauncherConfig(), "Where the roles run: this machine, Ray or Slurm.")
 
     def validate(self) -> None:
         """Cross-field checks that single-field types cannot express."""
@@ -79,5 +81,11 @@ class Recipe:
         if tr.world_size > 1 and tr.backend == "deepspeed" and tr.zero_stage == 3:
             raise ConfigError(f"trainer.world_size={tr.world_size} with ZeRO stage 3 is not supported yet (stages 1-2 "
                               "and trainer.backend=torch are)")
+        if self.launcher.type == "ray" and self.run.mode != "async":
+            raise ConfigError("launcher.type=ray: roles are Ray actors, which needs run.mode=async")
+        for role in ("trainer", "rollout"):
+            res = getattr(self.launcher, role)
+            if res.cpus < 1 or res.gpus < 0:
+                raise ConfigError(f"launcher.{role}: cpus must be >= 1 and gpus >= 0, got {res.cpus} and {res.gpus}")
         if self.reward.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s: must be > 0, got {self.reward.timeout_s}")

@@ -47,8 +47,9 @@ def parse_args(argv: list[str]) -> tuple[Recipe, str | None, bool]:
     return build(Recipe, recipe_path, overrides), recipe_path, "--dry-run" in flags
 
 
-def train(recipe: Recipe, recipe_path: str | None = None):
-    """Run a recipe in its mode, write summary.json and print the held-out accuracy before and after."""
+def train(recipe: Recipe, recipe_path: str | None = None, launcher=None):
+    """Run a recipe in its mode, write summary.json and print the held-out accuracy before and after.
+    Async roles are placed by `launcher` (areal/launchers), by default the one `launcher.type` names."""
     import json
     import time
 
@@ -62,7 +63,7 @@ def train(recipe: Recipe, recipe_path: str | None = None):
     else:
         from areal.controller import train_async
 
-        result = train_async(recipe, recipe_path)
+        result = train_async(recipe, recipe_path, launcher)
     sm = result.summary
     sm["wall_seconds"] = time.perf_counter() - start  # everything: loading, processes, evaluation
     (result.run_dir / "summary.json").write_text(json.dumps(sm, indent=2))
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if recipe.launcher.type == "slurm":  # submit a batch job that runs this recipe (--dry-run: print its script)
+        from areal.launchers.slurm import submit
+
+        return submit(recipe, recipe_path, dry_run)
     if dry_run:
         print(to_yaml(recipe), end="")
         return 0

@@ -33,7 +33,7 @@ MUTABLE = (
     "run.trainer_threads", "data.test_path", "data.test_split", "data.eval_size", "rollout.eval_max_new_tokens",
     "rollout.num_workers", "rollout.threads_per_worker", "rollout.kv_blocks", "rollout.batch_size",
     "reward.num_workers", "reward.timeout_s", "reward.max_logged_failures", "buffer.capacity_groups",
-    "rollout.max_restarts", "run.role_timeout_s", "trainer.world_size",
+    "rollout.max_restarts", "run.role_timeout_s", "trainer.world_size", "launcher.",
 )
 
 

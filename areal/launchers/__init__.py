@@ -43,6 +43,28 @@ class Launcher(ABC):
     def start(self, spec: RoleSpec) -> RoleHandle: ...
 
 
+def make_launcher(recipe) -> Launcher:
+    """The launcher `recipe.launcher.type` names. `slurm` here means: inside the job's allocation
+    (the submitting side is `areal.launchers.slurm.submit`, called by `python -m areal.train`)."""
+    kind = recipe.launcher.type
+    if kind == "ray":
+        from areal.launchers.ray import RayLauncher
+
+        return RayLauncher(recipe)
+    if kind == "slurm":
+        from areal.launchers.slurm import SrunLauncher
+
+        return SrunLauncher(recipe)
+    import torch
+
+    from areal.launchers.local import LocalLauncher
+
+    names = [f"trainer{r}" for r in range(recipe.trainer.world_size)] + \
+            [f"rollout{r}" for r in range(recipe.rollout.num_workers)]
+    gpus = torch.cuda.device_count() if recipe.run.device != "cpu" else 0
+    return LocalLauncher(assign_devices(names, gpus))
+
+
 def assign_devices(names: list[str], num_gpus: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES per role: trainer ranks first, then rollout workers, one GPU each while
     they last, then round-robin (roles share a GPU rather than all taking cuda:0). No GPU: ""."""
