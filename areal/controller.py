@@ -59,9 +59,9 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
                   f"backend={recipe.rollout.backend} hub={hub.address}")
     watch = Watch(hub, launcher, specs, recipe)
     # pre-emption: trainer0 checkpoints at the end of its step, then the run stops (Preempted)
-    forward = lambda *_: watch.handles["trainer0"].send_signal(signal.SIGUSR1)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    previous = {sig: signal.signal(sig, watch.forward_preemption) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
+        watch.start_all()
         summary = watch.run()
         if "preempted_step" in summary:
             raise Preempted(summary["preempted_step"], summary["checkpoint"])
@@ -71,6 +71,7 @@ def train_async(recipe: Recipe, recipe_path: str | None = None, launcher: Launch
     finally:
         watch.stop_all()
         hub.close()
+        launcher.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return RunResult(watch.run_dir, summary)
@@ -85,7 +86,13 @@ class Watch:
         self.started_at: dict[str, float] = {}
         self.restarts: dict[str, int] = {}
         self.run_dir: Path | None = None  # trainer0 says where (RunPlaced)
-        for name, spec in specs.items():
+
+    def forward_preemption(self, *_) -> None:
+        if "trainer0" in self.handles:
+            self.handles["trainer0"].send_signal(signal.SIGUSR1)
+
+    def start_all(self) -> None:
+        for name in self.specs:
             self._start(name)
 
     def _start(self, name: str) -> None:

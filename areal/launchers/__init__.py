@@ -42,6 +42,9 @@ class Launcher(ABC):
     @abstractmethod
     def start(self, spec: RoleSpec) -> RoleHandle: ...
 
+    def close(self) -> None:
+        """Release what the launcher holds (placement groups, a cluster it started); roles are stopped."""
+
 
 def make_launcher(recipe) -> Launcher:
     """The launcher `recipe.launcher.type` names. `slurm` here means: inside the job's allocation

@@ -89,6 +89,15 @@ def classify(value: Any) -> tuple[str, float, str]:
     return "non_number", 0.0, f"returned {type(value).__name__}: {value!r:.200}"
 
 
+def _send(conn, message) -> bool:
+    """False when the parent is gone (its run ended while this worker started or scored): exit quietly."""
+    try:
+        conn.send(message)
+        return True
+    except OSError:
+        return False
+
+
 def worker_main(conn, progress_fd: int, fn_spec: str, parent_pid: int) -> None:
     """Entry point of a worker process (see module docstring for the protocol)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -100,13 +109,13 @@ def worker_main(conn, progress_fd: int, fn_spec: str, parent_pid: int) -> None:
 
         fn = load_reward_fn(fn_spec)
     except BaseException:
-        conn.send(("load_error", traceback.format_exc()[-_DETAIL_CHARS:]))
+        _send(conn, ("load_error", traceback.format_exc()[-_DETAIL_CHARS:]))
         return
     if "torch" in sys.modules:  # many workers x many torch threads would oversubscribe the CPU
         sys.modules["torch"].set_num_threads(1)
     loop = asyncio.new_event_loop()  # reused across async calls: cheaper than asyncio.run each time
-    conn.send(("ready", os.getpid()))
-
+    if not _send(conn, ("ready", os.getpid())):
+        return
     started = finished = 0
     while True:
         try:
@@ -135,7 +144,8 @@ def worker_main(conn, progress_fd: int, fn_spec: str, parent_pid: int) -> None:
             end = time.monotonic()
             results.append((index, kind, reward, detail, end - start))
             if end - last_flush >= FLUSH_S:
-                conn.send(results)
+                if not _send(conn, results):
+                    return
                 results, last_flush = [], end
-        if results:
-            conn.send(results)
+        if results and not _send(conn, results):
+            return
