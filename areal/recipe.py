@@ -6,6 +6,7 @@ Each section's dataclass lives beside its component; this file only gathers them
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from areal.buffer.config import BufferConfig
 from areal.checkpoint.config import CheckpointConfig
@@ -83,6 +84,9 @@ class Recipe:
                               "and trainer.backend=torch are)")
         if self.launcher.type == "ray" and self.run.mode != "async":
             raise ConfigError("launcher.type=ray: roles are Ray actors, which needs run.mode=async")
+        if self.launcher.type == "ray" and self.launcher.ray.working_dir and not Path(self.run.run_dir).is_absolute():
+            raise ConfigError("launcher.ray.working_dir: set run.run_dir to an absolute path on storage this machine and "
+                              "the trainer's node share (a run folder inside the uploaded copy would vanish with it)")
         for role in ("trainer", "rollout"):
             res = getattr(self.launcher, role)
             if res.cpus < 1 or res.gpus < 0:

@@ -134,3 +134,21 @@ def test_ctrl_c_stops_every_actor_and_the_private_ray(netns, tmp_path):
     while time.time() < deadline and _pids_in(netns):
         time.sleep(0.5)
     assert _pids_in(netns) == []
+
+
+def test_working_dir_ships_the_recipes_files_to_the_roles(netns, tmp_path):
+    # the data and the reward function exist only in the folder Ray uploads; the driver runs elsewhere
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    for split in ("train", "test"):
+        (shipped / f"{split}.jsonl").write_text((ROOT / f"assets/data/arith/{split}.jsonl").read_text())
+    (shipped / "my_reward.py").write_text("from areal.rewards.math import math_reward as reward\n")
+    run = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-m", "areal.train", "recipe=math", "launcher.type=ray",
+         *TINY, "trainer.steps=2", "run.eval_every=2", f"launcher.ray.working_dir={shipped}",
+         "data.train_path=train.jsonl", "data.test_path=test.jsonl", "reward.fn=my_reward.py:reward",
+         f"run.run_dir={tmp_path / 'wd'}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "wd" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["eval_accuracy_initial"] > 0  # the shipped reward scored the answers
