@@ -66,6 +66,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# memory is scheduled as on most clusters; a job that asks none gets 200 MB per CPU (not all the node's), so
+# several jobs fit side by side. Nothing enforces it here (no cgroups).
+DefMemPerCPU=200
 SchedulerType=sched/backfill
 # look at pending jobs every 2 s (default 60): a requeued job restarts as soon as it may
 SchedulerParameters=sched_interval=2,bf_interval=2

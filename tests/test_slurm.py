@@ -54,7 +54,7 @@ def test_dry_run_prints_a_two_node_job_script_and_writes_nothing(tmp_path):
     body = script.splitlines()
     assert body.index("module load cuda") < body.index("source ~/venv/bin/activate") < \
         body.index(f"{sys.executable} -m areal.launchers.slurm {tmp_path}/run/slurm/recipe.yaml &")
-    assert "trap 'kill -USR1 $areal' USR1" in body and "trap 'kill -TERM $areal' TERM" in body
+    assert "trap 'warned=1; kill -USR1 $areal' USR1" in body and "trap 'kill -TERM $areal' TERM" in body
     assert "  scontrol requeue $SLURM_JOB_ID" in body and body[-1] == "exit $code"
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid bash
     assert list(tmp_path.iterdir()) == []  # a dry run writes nothing and submits nothing
@@ -62,6 +62,14 @@ def test_dry_run_prints_a_two_node_job_script_and_writes_nothing(tmp_path):
     no_requeue = areal_train(tmp_path, "launcher.type=slurm", "launcher.slurm.requeue=false", "--dry-run")
     assert no_requeue.returncode == 0 and "#SBATCH --no-requeue" in no_requeue.stdout
     assert "scontrol requeue" not in no_requeue.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_without_sbatch_the_command_is_one_line_and_writes_nothing(tmp_path):
+    bare = {**ENV, "PATH": str(Path(sys.executable).parent)}  # no Slurm client on PATH
+    out = subprocess.run([sys.executable, "-m", "areal.train", "recipe=math", "launcher.type=slurm"], cwd=tmp_path,
+                         env=bare, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.startswith("error: launcher.type=slurm: sbatch not found on PATH")
+    assert out.stderr.count("\n") == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_a_warning_later_than_the_time_limit_is_one_line(tmp_path):
@@ -107,8 +115,12 @@ def test_slurm_time_values():
 def slurm():
     if not all(shutil.which(b) for b in ("sbatch", "srun", "scontrol", "slurmctld", "slurmd", "munged")):
         pytest.skip("Slurm is not installed (apt-get install slurm-wlm)")
-    up = subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "up"], capture_output=True, text=True, timeout=120)
+    script = ROOT / "scripts/slurm_local.sh"
+    up = subprocess.run(["bash", str(script), "up"], capture_output=True, text=True, timeout=120)
     assert up.returncode == 0, f"scripts/slurm_local.sh up failed:\n{up.stdout}{up.stderr}"
+    yield
+    if "already up" not in up.stdout:  # this session started it: leave the machine as it was
+        subprocess.run(["bash", str(script), "down"], capture_output=True, timeout=60)
 
 
 def submit_args(tmp_path: Path, name: str, *extra: str) -> list[str]:
@@ -142,6 +154,14 @@ def test_a_default_run_submitted_to_slurm_finishes_with_a_local_runs_summary(slu
 
 
 @pytest.mark.slow
+def test_a_job_sbatch_refuses_is_one_line(slurm, tmp_path):
+    out = areal_train(tmp_path, *submit_args(tmp_path, "refused", "launcher.slurm.partition=nosuchpartition"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: sbatch {tmp_path}/refused/slurm/job.sbatch failed: ")
+    assert "invalid partition" in out.stderr.lower()
+
+
+@pytest.mark.slow
 def test_a_failing_job_ends_the_command_with_the_roles_one_line_error(slurm, tmp_path):
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"query": "1+1=", "answer": "2"}\n')  # no prompt column: trainer0 finds it in the job
@@ -152,26 +172,38 @@ def test_a_failing_job_ends_the_command_with_the_roles_one_line_error(slurm, tmp
     assert (tmp_path / "bad" / "slurm" / "error.txt").is_file()
 
 
+def training_started(run_dir: Path, process: subprocess.Popen | None = None, timeout: float = 90) -> None:
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:  # step 1 is done
+        assert time.monotonic() < deadline and (process is None or process.poll() is None), "no training step"
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
-def test_wait_false_returns_at_once(slurm, tmp_path):
+def test_wait_false_returns_at_once_and_scancel_ends_the_job_without_a_requeue(slurm, tmp_path):
     start = time.monotonic()
-    out = areal_train(tmp_path, *submit_args(tmp_path, "nowait", "launcher.slurm.wait=false", "trainer.steps=2"))
+    out = areal_train(tmp_path, *submit_args(tmp_path, "nowait", "launcher.slurm.wait=false", "trainer.steps=40"))
     assert out.returncode == 0 and time.monotonic() - start < 15, out.stderr
     job_id = re.search(r"^submitted job (\d+)$", out.stdout, re.M).group(1)
     assert job_state(job_id) in ("PENDING", "RUNNING")
-    subprocess.run(["scancel", job_id], check=True)
+    training_started(tmp_path / "nowait")
+    subprocess.run(["scancel", job_id], check=True)  # SIGTERM: the trainer checkpoints, the job is not requeued
+    deadline = time.monotonic() + 30
+    while job_state(job_id) != "CANCELLED":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    time.sleep(2)  # the batch script has ended: a requeue would show by now
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert "JobState=CANCELLED" in shown and "Restarts=0" in shown
 
 
 @pytest.mark.slow
 def test_a_preempted_job_checkpoints_requeues_and_resumes_and_ctrl_c_only_detaches(slurm, tmp_path):
-    run_dir, steps = tmp_path / "pre", 80
+    run_dir, steps = tmp_path / "pre", 50
     follower = subprocess.Popen([sys.executable, "-m", "areal.train", "recipe=math",
                                  *submit_args(tmp_path, "pre", f"trainer.steps={steps}", f"run.eval_every={steps}")],
                                 cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 90
-    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:  # step 1 is done: training runs
-        assert time.monotonic() < deadline and follower.poll() is None, "no training step within 90 s"
-        time.sleep(0.2)
+    training_started(run_dir, follower)
     job_id = subprocess.run(["squeue", "-h", "-n", "pre", "-o", "%i"], capture_output=True, text=True).stdout.strip()
     # what Slurm sends the batch shell signal_before_s before the time limit
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
@@ -187,6 +219,6 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_and_ctrl_c_only_detach
         time.sleep(1)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == steps and 1 <= summary["resumed_from_step"] < steps
-    assert [r["step"] for r in read_metrics(metrics)] == list(range(steps + 1))  # no step lost or doubled
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(steps + 1))  # no step lost or doubled
     log = (run_dir / "slurm" / f"job-{job_id}.log").read_text()
     assert f"requeueing job {job_id}" in log and f"job {job_id} (restart 1)" in log

@@ -141,14 +141,16 @@ def job_script(recipe, recipe_file: Path, log_dir: Path, workdir: Path, python: 
         'echo "areal: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, $(date)"',
         f"{shlex.quote(python)} -m areal.launchers.slurm {shlex.quote(str(recipe_file))} &",
         "areal=$!",
-        "# Slurm signals the batch shell only (USR1 before the time limit, TERM on pre-emption): pass it on",
-        "trap 'kill -USR1 $areal' USR1",
+        "# USR1: Slurm's warning before the time limit (to the batch shell only); TERM: scancel or pre-emption",
+        "warned=",
+        "trap 'warned=1; kill -USR1 $areal' USR1",
         "trap 'kill -TERM $areal' TERM",
         "# a trapped signal interrupts `wait`: wait again until areal itself has exited",
         "while wait $areal; code=$?; kill -0 $areal 2>/dev/null; do :; done",
     ]
     if sl.requeue:
-        lines += [f"if [ $code -eq {PREEMPTED_EXIT_CODE} ]; then  # a checkpoint is committed: run again, resume it",
+        # after TERM Slurm decides: scancel ends the job, a pre-emption requeues it (PreemptMode=REQUEUE)
+        lines += [f"if [ $code -eq {PREEMPTED_EXIT_CODE} ] && [ -n \"$warned\" ]; then  # checkpoint committed: resume it",
                   '  echo "areal: requeueing job $SLURM_JOB_ID to resume the run"',
                   "  scontrol requeue $SLURM_JOB_ID",
                   "fi"]
@@ -174,6 +176,11 @@ def _run_dir(recipe, recipe_path: str | None, dry_run: bool) -> Path:
 
 def submit(recipe, recipe_path: str | None, dry_run: bool) -> int:
     """Write the job's recipe and script, submit it and follow it (module docstring). Returns the exit code."""
+    if not dry_run and shutil.which("sbatch") is None:
+        print("error: launcher.type=slurm: sbatch not found on PATH (submit from a Slurm login node, or "
+              "`bash scripts/slurm_local.sh up` for a local test cluster; --dry-run prints the job script)",
+              file=sys.stderr)
+        return 2
     try:
         recipe = copy.deepcopy(recipe)
         recipe.run.run_dir = str(_run_dir(recipe, recipe_path, dry_run))
@@ -187,10 +194,6 @@ def submit(recipe, recipe_path: str | None, dry_run: bool) -> int:
     if dry_run:
         print(script, end="")
         return 0
-    if shutil.which("sbatch") is None:
-        print("error: launcher.type=slurm: sbatch not found on PATH (submit from a Slurm login node, or "
-              "`bash scripts/slurm_local.sh up` for a local test cluster)", file=sys.stderr)
-        return 2
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "recipe.yaml").write_text(to_yaml(recipe))
     (log_dir / "job.sbatch").write_text(script)
@@ -304,7 +307,7 @@ class SrunLauncher(Launcher):
             raise ConfigError("launcher.type=slurm: roles start inside a Slurm job ($SLURM_JOB_ID is not set); "
                               "submit the recipe with `python -m areal.train ... launcher.type=slurm`")
         sl = recipe.launcher.slurm
-        self.nodes = _scontrol(["show", "hostnames", os.environ["SLURM_JOB_NODELIST"]]).split()
+        self.nodes = _scontrol(["show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", "")]).split()
         self.addresses = [_node_address(n) for n in self.nodes]
         self.bind_host = sl.head_address or self.addresses[0]
         self.needs = {name: (cpus, gpus) for name, cpus, gpus in role_needs(recipe)}
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     from areal.recipe import Recipe
     from areal.train import train
 
+    import logging
+
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m areal.launchers.slurm RECIPE.yaml (the job script's command)", file=sys.stderr)
@@ -371,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = from_dict(Recipe, yaml.safe_load(path.read_text()), source=str(path))
         recipe.validate()
+        logging.basicConfig(level=recipe.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         train(recipe, str(path), launcher=SrunLauncher(recipe) if recipe.run.mode == "async" else None)
         return 0
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one clear line
