@@ -106,19 +106,27 @@ def slurm_seconds(text: str) -> float:
     return a * 60 + (b or 0)  # MM or MM:SS
 
 
+def job_layout(recipe) -> tuple[list[tuple[str, int, int]], dict[str, int], int]:
+    """(role needs, node of each role, CPUs per node) of the job; ConfigError for what Slurm could not run."""
+    sl = recipe.launcher.slurm
+    if slurm_seconds(sl.time) <= sl.signal_before_s:
+        raise ConfigError(f"launcher.slurm.signal_before_s={sl.signal_before_s} must be shorter than "
+                          f"launcher.slurm.time={sl.time}")
+    if sl.nodes < 1:
+        raise ConfigError(f"launcher.slurm.nodes: must be >= 1, got {sl.nodes}")
+    needs = role_needs(recipe)
+    if recipe.run.mode == "sync":  # one process, the batch step itself: it needs what a trainer rank does
+        needs = needs[:1]
+    placed = place_roles(needs, sl.nodes, sl.cpus_per_node, sl.gpus_per_node)
+    return needs, placed, sl.cpus_per_node or node_cpus(needs, placed)
+
+
 def job_script(recipe, recipe_file: Path, log_dir: Path, workdir: Path, python: str) -> str:
     """The sbatch script (module docstring); the recipe is the resolved one, its run_dir fixed."""
     from areal.checkpoint.session import PREEMPTED_EXIT_CODE
 
     sl = recipe.launcher.slurm
-    if slurm_seconds(sl.time) <= sl.signal_before_s:
-        raise ConfigError(f"launcher.slurm.signal_before_s={sl.signal_before_s} must be shorter than "
-                          f"launcher.slurm.time={sl.time}")
-    needs = role_needs(recipe)
-    if recipe.run.mode == "sync":  # one process, the batch step itself: it needs what a trainer rank does
-        needs = needs[:1]
-    placed = place_roles(needs, sl.nodes, sl.cpus_per_node, sl.gpus_per_node)
-    cpus = sl.cpus_per_node or node_cpus(needs, placed)
+    needs, placed, cpus = job_layout(recipe)
     options = [f"--job-name={sl.job_name}", f"--nodes={sl.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={cpus}"]
     options += [f"--gpus-per-node={sl.gpus_per_node}"] if sl.gpus_per_node > 0 else []
     options += [f"--partition={sl.partition}"] if sl.partition else []
@@ -182,6 +190,7 @@ def submit(recipe, recipe_path: str | None, dry_run: bool) -> int:
               file=sys.stderr)
         return 2
     try:
+        job_layout(recipe)  # before the run folder is made
         recipe = copy.deepcopy(recipe)
         recipe.run.run_dir = str(_run_dir(recipe, recipe_path, dry_run))
         sl = recipe.launcher.slurm
