@@ -84,7 +84,7 @@ def test_trainers_are_packed_and_workers_spread():
     assert [placed[f"trainer{r}"] for r in range(3)] == [0, 0, 1]  # first fit: node 0 full (2 GPUs), then node 1
     # round-robin from the node after the last trainer's, over the nodes with room (node 0 has no GPU left)
     assert [placed[f"rollout{i}"] for i in range(3)] == [2, 1, 2]
-    with pytest.raises(ConfigError, match=r"launcher.rollout: rollout3 needs 1 CPUs and 1 GPUs but no node has that "
+    with pytest.raises(ConfigError, match=r"launcher.rollout: rollout3 needs 1 CPU and 1 GPU but no node has that "
                                           r"left .*free: node 0 4 CPUs/0 GPUs, node 1 5 CPUs/0 GPUs, node 2 6 CPUs/0 GPUs"):
         place_roles(needs + [("rollout3", 1, 1)], nodes=3, cpus_per_node=8, gpus_per_node=2)
     # no CPU limit (the job takes what the busiest node needs): CPU-only trainers share node 0
@@ -98,7 +98,7 @@ def test_a_role_that_fits_no_node_is_one_line_naming_it():
                                           r"that left \(launcher.slurm.nodes=1, cpus_per_node=6"):
         place_roles([("trainer0", 2, 0), ("rollout0", 4, 0), ("rollout1", 4, 0)], nodes=1, cpus_per_node=6,
                     gpus_per_node=0)
-    with pytest.raises(ConfigError, match=r"launcher.trainer: trainer0 needs 1 CPUs and 1 GPUs"):
+    with pytest.raises(ConfigError, match=r"launcher.trainer: trainer0 needs 1 CPU and 1 GPU"):
         place_roles([("trainer0", 1, 1)], nodes=2, cpus_per_node=0, gpus_per_node=0)
 
 

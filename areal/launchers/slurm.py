@@ -67,15 +67,12 @@ def place_roles(needs: list[tuple[str, int, int]], nodes: int, cpus_per_node: in
             key = "launcher.trainer" if name.startswith("trainer") else "launcher.rollout"
             free = ", ".join(f"node {n} {cpu_cap - c if cpus_per_node else 'any'} CPUs/{gpus_per_node - g} GPUs"
                              for n, (c, g) in enumerate(used))
-            raise ConfigError(f"{key}: {name} needs {cpus} CPUs and {gpus} GPUs but no node has that left "
-                              f"(launcher.slurm.nodes={nodes}, cpus_per_node={cpus_per_node or 'as needed'}, "
+            raise ConfigError(f"{key}: {name} needs {_count(cpus, 'CPU')} and {_count(gpus, 'GPU')} but no node "
+                              f"has that left (launcher.slurm.nodes={nodes}, cpus_per_node={cpus_per_node or 'as needed'}, "
                               f"gpus_per_node={gpus_per_node}; free: {free})")
-        if name.startswith("trainer"):
-            node = fits[0]
-            cursor = (node + 1) % nodes
-        else:
-            node = min(fits, key=lambda n: (n - cursor) % nodes)
-            cursor = (node + 1) % nodes
+        # a trainer rank: the first node with room (packed); a worker: the next one after the last placed (spread)
+        node = fits[0] if name.startswith("trainer") else min(fits, key=lambda n: (n - cursor) % nodes)
+        cursor = (node + 1) % nodes
         used[node][0] += cpus
         used[node][1] += gpus
         placed[name] = node
