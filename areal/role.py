@@ -92,6 +92,8 @@ def run_role(spec: RoleSpec) -> int:
         getattr(roles, f"{spec.role}_main")(spec, endpoint)
         return 0
     except BaseException as e:  # noqa: BLE001 - every failure must reach the controller
+        if isinstance(e, SystemExit) and not e.code:  # a rollout worker leaves this way on Stop
+            return 0
         endpoint.send(CONTROLLER, RoleError(spec.name, type(e).__name__, str(e), traceback.format_exc()))
         time.sleep(0.5)  # let the IO thread put it on the wire
         return 1

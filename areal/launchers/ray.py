@@ -136,7 +136,11 @@ class RayLauncher(Launcher):
             ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=runtime_env or None,
                      configure_logging=False)
         else:
-            ray.init(address=cfg.ray.address, runtime_env=runtime_env or None, configure_logging=False)
+            _check_reachable(cfg.ray.address)
+            try:
+                ray.init(address=cfg.ray.address, runtime_env=runtime_env or None, configure_logging=False)
+            except ConnectionError as e:
+                raise ConfigError(f"launcher.ray.address={cfg.ray.address}: no Ray cluster to join there ({e})") from None
         self._ray = ray
         self.bind_host = ray.util.get_node_ip_address()
         self.cwd = None if cfg.ray.working_dir else os.getcwd()
@@ -185,6 +189,19 @@ class RayLauncher(Launcher):
                 pass
         if self.private:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in seconds, not minutes, on a head that does not answer (ray.init retries for long)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if address == "auto" or not port.isdigit():
+        return  # 'auto' and ray:// addresses are Ray's to resolve
+    try:
+        socket.create_connection((host.removeprefix("ray://"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"launcher.ray.address={address}: no Ray head answers there ({e})") from None
 
 
 def _bundle(res) -> dict[str, float]:

@@ -361,6 +361,8 @@ def _node_address(node: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m areal.launchers.slurm RECIPE.yaml`: run the recipe in this job (the batch script's command)."""
+    import logging
+
     import yaml
 
     from areal.checkpoint.session import PREEMPTED_EXIT_CODE, Preempted
@@ -368,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     from areal.data import DataError
     from areal.recipe import Recipe
     from areal.train import train
-
-    import logging
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
