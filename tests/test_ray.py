@@ -28,12 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = [*SMALL, "logging.progress_bar=false", "trainer.steps=4", "run.eval_every=4"]
 
 
-@pytest.fixture(scope="module")
-def netns():
+def _loopback_only_netns(name: str):
     """A network namespace with only loopback, removed (with anything left in it) afterwards."""
     if shutil.which("ip") is None:
         pytest.skip("the Ray tests need iproute2's `ip netns` (a loopback-only network namespace)")
-    name = f"areal-ray-{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if made.returncode:
         pytest.skip(f"cannot create a network namespace for Ray (needs root): {made.stderr.strip()}")
@@ -41,6 +39,27 @@ def netns():
     yield name
     _kill_all_in(name)
     subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """For runs that start their own Ray (and must leave nothing behind)."""
+    yield from _loopback_only_netns(f"areal-ray-{os.getpid()}")
+
+
+@pytest.fixture(scope="module")
+def cluster_ns():
+    """A namespace holding a running Ray cluster (`ray start --head`) that runs join with
+    launcher.ray.address=127.0.0.1:6379, as on a cluster users already run."""
+    for name in _loopback_only_netns(f"areal-rayc-{os.getpid()}"):
+        head = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "ray.scripts.scripts", "start",
+                               "--head", "--port=6379", "--num-cpus=4", "--include-dashboard=false",
+                               "--disable-usage-stats"], env=_env(), capture_output=True, text=True, timeout=120)
+        assert head.returncode == 0, head.stdout + head.stderr
+        yield name
+
+
+JOIN = "launcher.ray.address=127.0.0.1:6379"
 
 
 def _pids_in(ns: str) -> list[int]:
@@ -101,15 +120,15 @@ def test_two_nodes_trainer_on_one_rollout_on_the_other_and_a_killed_worker_is_re
     assert len(ids) == len(set(ids)) == 5 * 4  # nothing lost or repeated across the restart
 
 
-def test_a_role_that_raises_shows_its_traceback_in_the_driver(netns, tmp_path):
-    run = _in_netns(netns, ["-m", "areal.train", "recipe=math", "launcher.type=ray", *TINY,
+def test_a_role_that_raises_shows_its_traceback_in_the_driver(cluster_ns, tmp_path):
+    run = _in_netns(cluster_ns, ["-m", "areal.train", "recipe=math", "launcher.type=ray", JOIN, *TINY,
                             f"run.run_dir={tmp_path / 'fails'}"], AREAL_FAULT="trainer0/trainer.update@2:raise")
     assert run.returncode == 1
     assert "role 'trainer0' failed" in run.stderr and "Traceback" in run.stderr and "faults.py" in run.stderr
 
 
-def test_bad_input_is_one_line_from_a_ray_run(netns, tmp_path):
-    run = _in_netns(netns, ["-m", "areal.train", "recipe=math", "launcher.type=ray", *TINY,
+def test_bad_input_is_one_line_from_a_ray_run(cluster_ns, tmp_path):
+    run = _in_netns(cluster_ns, ["-m", "areal.train", "recipe=math", "launcher.type=ray", JOIN, *TINY,
                             f"data.train_path={tmp_path / 'missing.jsonl'}", f"run.run_dir={tmp_path / 'bad'}"])
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("error:") and "missing.jsonl" in run.stderr
@@ -136,7 +155,7 @@ def test_ctrl_c_stops_every_actor_and_the_private_ray(netns, tmp_path):
     assert _pids_in(netns) == []
 
 
-def test_working_dir_ships_the_recipes_files_to_the_roles(netns, tmp_path):
+def test_working_dir_ships_the_recipes_files_to_the_roles(cluster_ns, tmp_path):
     # the data and the reward function exist only in the folder Ray uploads; the driver runs elsewhere
     shipped = tmp_path / "shipped"
     shipped.mkdir()
@@ -144,8 +163,8 @@ def test_working_dir_ships_the_recipes_files_to_the_roles(netns, tmp_path):
         (shipped / f"{split}.jsonl").write_text((ROOT / f"assets/data/arith/{split}.jsonl").read_text())
     (shipped / "my_reward.py").write_text("from areal.rewards.math import math_reward as reward\n")
     run = subprocess.run(
-        ["ip", "netns", "exec", netns, sys.executable, "-m", "areal.train", "recipe=math", "launcher.type=ray",
-         *TINY, "trainer.steps=2", "run.eval_every=2", f"launcher.ray.working_dir={shipped}",
+        ["ip", "netns", "exec", cluster_ns, sys.executable, "-m", "areal.train", "recipe=math", "launcher.type=ray",
+         JOIN, *TINY, "trainer.steps=2", "run.eval_every=2", f"launcher.ray.working_dir={shipped}",
          "data.train_path=train.jsonl", "data.test_path=test.jsonl", "reward.fn=my_reward.py:reward",
          f"run.run_dir={tmp_path / 'wd'}"],
         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)

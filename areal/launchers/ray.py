@@ -31,9 +31,10 @@ import time
 from areal.config import ConfigError
 from areal.console import console
 from areal.launchers import Launcher, RoleHandle
-from areal.role import RoleSpec
+from areal.role import SECRET_ENV, RoleSpec
 
 PLACEMENT_TIMEOUT_S = 120.0
+FORWARDED_ENV = ("AREAL_", "WANDB_", "HF_")
 
 
 class RoleActor:
@@ -51,11 +52,12 @@ class RoleActor:
 
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(), os.getpid()
 
-    def run(self, spec_json: str, secret: str, cwd: str | None) -> int:
+    def run(self, spec_json: str, secret: str, cwd: str | None, env: dict[str, str]) -> int:
         import ray
 
         from areal.role import run_role
 
+        os.environ.update(env)
         if cwd and os.path.isdir(cwd):  # shared filesystem: relative recipe paths mean what they meant to the driver
             os.chdir(cwd)
         spec = RoleSpec.from_json(spec_json)
@@ -133,7 +135,8 @@ class RayLauncher(Launcher):
             self.private = False
         elif self.private:  # room for every role even on a small machine: oversubscribing is the user's choice
             needed = recipe.trainer.world_size * cfg.trainer.cpus + recipe.rollout.num_workers * cfg.rollout.cpus
-            ray.init(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=runtime_env or None,
+            ray.init(address="local",  # a new Ray even where `ray start` left one running on this machine
+                     num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False, runtime_env=runtime_env or None,
                      configure_logging=False)
         else:
             _check_reachable(cfg.ray.address)
@@ -176,7 +179,8 @@ class RayLauncher(Launcher):
         node_id, ip, pid = self._ray.get(actor.where.remote())
         self.nodes[spec.name] = node_id
         console.print(f"{spec.name} on Ray node {node_id[:8]} ({ip}), pid {pid}", highlight=False)
-        return RayHandle(spec.name, actor, actor.run.remote(spec_json, secret, self.cwd), node_id, pid)
+        run = actor.run.remote(spec_json, secret, self.cwd, forwarded_env())
+        return RayHandle(spec.name, actor, run, node_id, pid)
 
     def close(self) -> None:
         import ray
@@ -189,6 +193,12 @@ class RayLauncher(Launcher):
                 pass
         if self.private:
             ray.shutdown()
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's AREAL_*, WANDB_* and HF_* variables: an actor's environment comes from its raylet, not
+    from the driver, and these must mean the same to every role as under the local launcher."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV) and k != SECRET_ENV}
 
 
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
