@@ -195,3 +195,11 @@ def test_bundled_recipe_from_the_checkout_root_reads_as_written(monkeypatch):
     cfg = build(Recipe, "recipes/math.yaml")
     assert cfg.model.path == "assets/models/tiny-math" and cfg.data.train_path == "assets/data/arith/train.jsonl"
     assert build(Recipe, "math") == cfg
+
+
+def test_launcher_type_ray_without_ray_installed_is_one_line(monkeypatch):
+    from areal.launchers.ray import RayLauncher
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    with pytest.raises(ConfigError, match=r"launcher.type=ray needs Ray .* pip install 'areal\[ray\]'"):
+        RayLauncher(build(Recipe, "recipes/math.yaml", ["launcher.type=ray"]))

@@ -124,7 +124,10 @@ class RayLauncher(Launcher):
     can_restart = True
 
     def __init__(self, recipe):
-        import ray
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("launcher.type=ray needs Ray on this machine and every node: pip install 'areal[ray]'") from None
         from ray.util.placement_group import placement_group
 
         cfg = recipe.launcher
