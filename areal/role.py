@@ -76,6 +76,8 @@ def run_role(spec: RoleSpec) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's: it stops every role
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # before torch loads: OpenMP sizes its pool once (a Ray actor would otherwise keep the raylet's value)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, spec.num_threads))
     # a weight group left behind (a worker died) makes the C++ store client print stack traces as warnings
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ["AREAL_ROLE"] = f"{spec.name}.{spec.incarnation}"  # areal.faults can target one role's process

@@ -62,10 +62,16 @@ def make_launcher(recipe) -> Launcher:
 
     from areal.launchers.local import LocalLauncher
 
-    names = [f"trainer{r}" for r in range(recipe.trainer.world_size)] + \
-            [f"rollout{r}" for r in range(recipe.rollout.num_workers)]
+    names = [name for name, _, _ in role_needs(recipe)]
     gpus = torch.cuda.device_count() if recipe.run.device != "cpu" else 0
     return LocalLauncher(assign_devices(names, gpus))
+
+
+def role_needs(recipe) -> list[tuple[str, int, int]]:
+    """(name, cpus, gpus) of every role, trainer ranks first."""
+    tr, ro = recipe.launcher.trainer, recipe.launcher.rollout
+    return [(f"trainer{r}", tr.cpus, tr.gpus) for r in range(recipe.trainer.world_size)] + \
+           [(f"rollout{r}", ro.cpus, ro.gpus) for r in range(recipe.rollout.num_workers)]
 
 
 def assign_devices(names: list[str], num_gpus: int) -> dict[str, str]:

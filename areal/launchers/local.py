@@ -57,8 +57,7 @@ class LocalLauncher(Launcher):
     def start(self, spec: RoleSpec) -> LocalHandle:
         secret, spec.secret = spec.secret, ""
         path = spec.write(self.spec_dir / f"{spec.name}.{spec.incarnation}.json")
-        env = {**os.environ, SECRET_ENV: secret, "OMP_NUM_THREADS": str(spec.num_threads),
-               "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+        env = {**os.environ, SECRET_ENV: secret, "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
         if spec.name in self.devices:
             env["CUDA_VISIBLE_DEVICES"] = self.devices[spec.name]
         process = subprocess.Popen([sys.executable, "-m", "areal.role", str(path)], env=env)

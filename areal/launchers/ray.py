@@ -61,7 +61,6 @@ class RoleActor:
         if cwd and os.path.isdir(cwd):  # shared filesystem: relative recipe paths mean what they meant to the driver
             os.chdir(cwd)
         spec = RoleSpec.from_json(spec_json)
-        os.environ.update(OMP_NUM_THREADS=str(spec.num_threads), TOKENIZERS_PARALLELISM="false")  # before torch loads
         spec.secret, spec.bind_host = secret, ray.util.get_node_ip_address()
         return run_role(spec)
 

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from areal.config import ConfigError, to_yaml
-from areal.launchers import Launcher
+from areal.launchers import Launcher, role_needs
 from areal.launchers.local import LocalHandle
 from areal.role import SECRET_ENV, RoleSpec
 
@@ -45,13 +45,6 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 # ------------------------------------------------------------------ pure parts: placement, time, script
-def role_needs(recipe) -> list[tuple[str, int, int]]:
-    """(name, cpus, gpus) of every role, trainer ranks first."""
-    tr, ro = recipe.launcher.trainer, recipe.launcher.rollout
-    return [(f"trainer{r}", tr.cpus, tr.gpus) for r in range(recipe.trainer.world_size)] + \
-           [(f"rollout{r}", ro.cpus, ro.gpus) for r in range(recipe.rollout.num_workers)]
-
-
 def place_roles(needs: list[tuple[str, int, int]], nodes: int, cpus_per_node: int, gpus_per_node: int) -> dict[str, int]:
     """Node index of every role. Trainer ranks go first-fit from node 0 (packed: their collectives stay
     on as few nodes as possible); rollout workers go round-robin over the nodes with room, starting after
@@ -330,8 +323,7 @@ class SrunLauncher(Launcher):
         path = spec.write(self.spec_dir / f"{spec.name}.{spec.incarnation}.json")
         spec.secret = secret
         step_name = f"{spec.name}.{spec.incarnation}"
-        env = {**os.environ, SECRET_ENV: secret, "OMP_NUM_THREADS": str(spec.num_threads),
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, SECRET_ENV: secret}
         if gpus == 0:  # else srun would take the job's --gpus-per-node from the environment for this step too
             for key in ("SLURM_GPUS_PER_NODE", "SLURM_GPUS", "SLURM_GPUS_PER_TASK", "SLURM_TRES_PER_TASK"):
                 env.pop(key, None)
