@@ -11,7 +11,9 @@ Messages (typed, areal/messages.py) travel over one channel through the controll
 One step, as trainer0 sees it:
   1. Dispatcher: while the staleness rule (areal/buffer/staleness.py) has room, admit prompts and
      send them as a `PromptBatch` to a live worker (round-robin). The `Fleet` records what each
-     worker holds until its group comes back.
+     worker holds until its group comes back. The rule's lead (how many versions ahead of the
+     trainer it admits, at most eta) is set after every update by areal/buffer/freshness.py, from
+     measured latencies: data no older than the trainer needs to never wait.
   2. Workers generate continuously; each finished group comes back as `GroupDone`. The Collector
      puts it in the buffer (which may filter it, e.g. uniform rewards), exactly once per group id.
   3. AsyncLoop takes B groups from the buffer, sends them to the other trainer ranks (`TrainStep`),
@@ -33,7 +35,8 @@ taken by `AsyncLoop.capture()` right after an update:
      (messages between two processes stay in order, so each has every prompt admitted before it);
   2. each worker answers with its pending and in-flight groups (tokens so far), after every group
      it shipped before: groups received from a worker between step 1 and its answer were in
-     transit, and are recorded too. A worker lost meanwhile contributes what the fleet held for it.
+     transit, and are recorded too. A worker lost meanwhile contributes what the fleet held for it
+     at step 1 and has not received since (never a prompt handed to it after the cut).
 Resume puts held and in-transit groups back in the buffer and hands the in-flight ones to the
 workers (`ResumeGroups`), which continue them where they stopped; nothing is lost or trained twice.
 """
@@ -47,6 +50,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future
 
+from areal.buffer.freshness import FreshnessPacer
 from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
@@ -132,9 +136,9 @@ class Dispatcher(threading.Thread):
     """Admits prompts under the staleness rule and hands them to live rollout workers, round-robin."""
 
     def __init__(self, staleness: StalenessController, sampler, fleet: Fleet, first_group_id: int = 0,
-                 resumed: list[InFlightGroup] = (), worker_rng: dict | None = None):
+                 resumed: list[InFlightGroup] = (), worker_rng: dict | None = None, pacer: FreshnessPacer | None = None):
         super().__init__(name="areal-dispatcher", daemon=True)
-        self.staleness, self.sampler, self.fleet = staleness, sampler, fleet
+        self.staleness, self.sampler, self.fleet, self.pacer = staleness, sampler, fleet, pacer
         self.next_group_id = first_group_id
         self.resumed, self.worker_rng = list(resumed), worker_rng or {}
         self.orphans: list[InFlightGroup] = []  # admitted, held by no worker (every worker is being replaced)
@@ -176,6 +180,8 @@ class Dispatcher(threading.Thread):
                         time.sleep(0.1)
                         rank = self.fleet.next_rank()
                     version = self.staleness.version
+                    if self.pacer is not None:
+                        self.pacer.admitted(ids)
                     self.fleet.hand(rank, [InFlightGroup(g, version, p) for g, p in zip(ids, prompts)],
                                     PromptBatch(version, ids, prompts))
         except BaseException as e:  # noqa: BLE001 - surfaced by the trainer loop
@@ -240,6 +246,7 @@ class _Cut:
     """A checkpoint's rollout side being recorded (module docstring, step 2)."""
 
     waiting: set[int]  # workers whose snapshot has not arrived yet
+    held: dict[int, set[int]]  # group ids each waiting worker held at the cut: all a lost one may contribute
     in_transit: list[Group]
     in_flight: list[InFlightGroup]
     rng: dict[str, dict]
@@ -268,7 +275,9 @@ class Collector(threading.Thread):
         groups no worker holds right now (the dispatcher's orphans)."""
         if self._cut is not None:
             raise RuntimeError("a checkpoint cut is already being recorded")
-        self._cut = _Cut(set(workers), [], list(unassigned), {}, Future())
+        with self.fleet.lock:
+            held = {rank: set(self.fleet.held.get(rank, {})) for rank in workers}
+        self._cut = _Cut(set(workers), held, [], list(unassigned), {}, Future())
         done = self._cut.done
         self._finish_cut_if_done()  # no live worker: nothing to wait for
         return done
@@ -291,6 +300,8 @@ class Collector(threading.Thread):
     def _handle(self, rank: int, msg) -> None:
         cut = self._cut
         if isinstance(msg, GroupDone):
+            if self.dispatcher.pacer is not None:
+                self.dispatcher.pacer.arrived(msg.group.group_id)
             if self.fleet.returned(msg.group.group_id):
                 if cut is not None and rank in cut.waiting:
                     cut.in_transit.append(msg.group)
@@ -315,9 +326,9 @@ class Collector(threading.Thread):
         elif isinstance(msg, RoleLost) and msg.role.startswith("rollout"):
             lost = worker_rank(msg.role)
             groups = self.fleet.lose(lost)
-            if cut is not None and lost in cut.waiting:  # its share of the cut: what it held, from the start
-                cut.waiting.discard(lost)
-                cut.in_flight.extend(groups)
+            if cut is not None and lost in cut.waiting:  # its share of the cut: what it held AT the cut and
+                cut.waiting.discard(lost)  # has not shipped; prompts handed to it since come after the cut
+                cut.in_flight.extend(g for g in groups if g.group_id in cut.held[lost])
                 self._finish_cut_if_done()
             self.on_membership()
             self.dispatcher.reissue(groups)
@@ -357,6 +368,18 @@ class AsyncLoop:
     def __init__(self, parts: AsyncParts, trainer_cfg, pad_token_id: int, timeout_s: float, first_step: int = 1):
         self.parts, self.cfg, self.pad_token_id, self.timeout_s = parts, trainer_cfg, pad_token_id, timeout_s
         self.first_step = first_step
+        self.lags: Counter = Counter()  # consumed tokens by version lag, over this process's steps
+        self.wait_s: list[float] = []  # the trainer's wait for each batch
+
+    def totals(self) -> dict:
+        """The run's freshness and balance (this process's steps: a resumed run counts from its resume)."""
+        workers = self.parts.collector.worker_stats.values()
+        busy, idle = sum(w.get("busy_s", 0.0) for w in workers), sum(w.get("idle_s", 0.0) for w in workers)
+        tokens = sum(self.lags.values())
+        return {"lag_mean": sum(k * c for k, c in self.lags.items()) / max(tokens, 1),
+                "lag_max": max(self.lags, default=0),
+                "trainer_wait_s_per_step": sum(self.wait_s) / max(len(self.wait_s), 1),
+                "rollout_idle_fraction": idle / (busy + idle) if busy + idle > 0 else 0.0}
 
     def capture(self) -> tuple[dict, list[Future]]:
         """The cut of the module docstring: the trainer side now, the rollout side as a Future.
@@ -377,6 +400,7 @@ class AsyncLoop:
         engine, staleness, buffer = parts.engine, parts.staleness, parts.buffer
         parts.publisher.publish(engine.version, engine.named_weights())  # the current version to every worker
         parts.dispatcher.start()
+        pacer, last_version_at = parts.dispatcher.pacer, None
         rollout_tokens_before = 0
         for step in range(self.first_step, trainer_cfg.steps + 1):
             t0 = time.perf_counter()
@@ -386,8 +410,16 @@ class AsyncLoop:
                 parts.endpoint.send(f"trainer{k}", TrainStep(step, groups))
             t1 = time.perf_counter()
             lags = token_lags(groups, engine.version)
+            self.lags.update(lags)
+            self.wait_s.append(t1 - t0)
             metrics = engine.train_step(build_batch(groups, None, self.pad_token_id))
+            t2 = time.perf_counter()
+            if pacer is not None:  # the lead for the next admissions: the trainer's own time this step, waits apart
+                own_s = (t2 - t1) + (t0 - last_version_at if last_version_at is not None else 0.0)
+                pacer.stepped(own_s, t1 - t0)
+                metrics.update(pacer.stats())
             staleness.set_version(engine.version)
+            last_version_at = t2
             metrics["time/publish_snapshot_s"] = parts.publisher.publish(engine.version, engine.named_weights())
             t3 = time.perf_counter()
             workers = dict(parts.collector.worker_stats)

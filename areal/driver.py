@@ -87,6 +87,7 @@ def drive(s: Setup, loop, eval_fn, session: CheckpointSession, restored: Restore
             return
         if wait or recipe.checkpoint.on_busy == "wait":
             flush(view, block=True)  # a pending checkpoint may wait for these rows
+            session.wait_idle()  # the previous cut is recorded whole before the next one starts
         state, extras = loop.capture()
         state["drive"] = {"generated": generated, "wall_s": time.perf_counter() - start, "wandb_id": sink.wandb_id}
         session.save(step, state, [*extras, sink.on_disk(step)], wait=wait)

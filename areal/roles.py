@@ -148,6 +148,7 @@ class ShardMetas:
 def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     """Rank 0: build the parts (restoring a checkpoint's cut), wait for the workers, drive the loop."""
     from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, Fleet, RemoteEvaluator
+    from areal.buffer.freshness import FreshnessPacer
     from areal.buffer.staleness import StalenessController
     from areal.buffer.trajectory_buffer import TrajectoryBuffer
     from areal.checkpoint.session import Preempted
@@ -208,7 +209,8 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             publisher.reform(fleet.weight_group())
 
     fleet = Fleet(endpoint, new_sender)
-    dispatcher = Dispatcher(staleness, sampler, fleet, first_group_id, in_flight, worker_rng)
+    pacer = FreshnessPacer(staleness) if ro.admission == "fresh" else None
+    dispatcher = Dispatcher(staleness, sampler, fleet, first_group_id, in_flight, worker_rng, pacer)
     evaluator = RemoteEvaluator(fleet, s.test_prompts, ro.eval_max_new_tokens)
     collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, membership_changed, shard_metas.deliver)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -237,7 +239,9 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             "buffer": buffer.stats(),
             "admission": staleness.state(),
             "max_version_lag": buffer.stats()["consumed_max_lag"],
+            **loop.totals(),
             "eta": ro.max_staleness,
+            "admission_mode": ro.admission,
             "trainer_ranks": tr.world_size,
             "rollout_workers_lost": fleet.lost,
             "rollout_workers_live": len(fleet.live),

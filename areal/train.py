@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=recipe.logging.level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from areal.checkpoint.session import PREEMPTED_EXIT_CODE, Preempted
+    from areal.controller import RoleFailed
     from areal.data import DataError
 
     try:
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # a checkpoint is committed: the same command resumes from it
         print(str(e), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except RoleFailed as e:  # a process of the run died or failed: its name (and traceback, if it had one)
+        print(f"error: {e}\n(rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # every role has been stopped by the controller
         print("interrupted", file=sys.stderr)
         return 130

@@ -24,6 +24,11 @@ replacement; aborted groups free their running slot. On resume from a checkpoint
 every step before consumed exactly B groups, so accepted = v·B + (groups held), and the groups
 the checkpoint had in flight are running again.
 
+η is a ceiling, not a target: `set_lead(d)` admits only while accepted + running < (d + v + 1) · B
+for a lead 1 ≤ d ≤ η (0 when η = 0), so that data is no older than the trainer needs to never wait
+(areal/buffer/freshness.py chooses d from measured latencies). A smaller lead only ever admits less:
+the η bound and everything above hold for any sequence of leads. The lead starts at η (greedy).
+
 The controller is pure bookkeeping (one lock, no I/O, no models); it deals only in
 counts and versions. It must live in the process that decides admission.
 """
@@ -87,6 +92,7 @@ class StalenessController:
         self._version = version
         self._accepted = version * groups_per_step
         self._running = 0
+        self._lead = max_staleness  # greedy until set_lead() says otherwise
         # Cumulative counters (statistics only; they never enter the formula).
         self._admitted_total = 0
         self._accepted_total = 0
@@ -110,10 +116,15 @@ class StalenessController:
         with self._cond:
             return self._running
 
-    def budget(self) -> int:
-        """(η + v + 1) · B at the current version."""
+    @property
+    def lead(self) -> int:
         with self._cond:
-            return staleness_budget(self._version, self.groups_per_step, self.max_staleness)
+            return self._lead
+
+    def budget(self) -> int:
+        """(d + v + 1) · B at the current version and lead d (≤ η)."""
+        with self._cond:
+            return staleness_budget(self._version, self.groups_per_step, self._lead)
 
     def capacity(self) -> int:
         """How many more groups may start now."""
@@ -126,9 +137,16 @@ class StalenessController:
             self._running,
             self._version,
             self.groups_per_step,
-            self.max_staleness,
+            self._lead,
             self.max_concurrent,
         )
+
+    def set_lead(self, lead: int) -> int:
+        """Admit only `lead` versions ahead of the trainer, clamped to [min(1, η), η]; returns the lead set."""
+        with self._cond:
+            self._lead = max(min(1, self.max_staleness), min(int(lead), self.max_staleness))
+            self._cond.notify_all()  # a larger lead opens room at once
+            return self._lead
 
     # -- admission -------------------------------------------------------------------
     def try_admit(self) -> bool:
@@ -211,6 +229,7 @@ class StalenessController:
                 "rejected_total": self._rejected_total,
                 "aborted_total": self._aborted_total,
                 "discarded_total": self._discarded_total,
+                "lead": self._lead,
             }
 
     stats = state
@@ -236,6 +255,6 @@ class StalenessController:
         s = self.state()
         return (
             f"StalenessController(B={self.groups_per_step}, eta={self.max_staleness}, "
-            f"max_concurrent={self.max_concurrent}, v={s['version']}, "
+            f"max_concurrent={self.max_concurrent}, lead={s['lead']}, v={s['version']}, "
             f"accepted={s['accepted']}, running={s['running']})"
         )

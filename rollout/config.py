@@ -32,7 +32,14 @@ class RolloutConfig:
     max_staleness: int = option(
         2,
         "eta: a new prompt is admitted only while accepted + running < (eta + v + 1) * B, so rollouts "
-        "stay within eta policy versions of the trainer. 0 = synchronous RL.",
+        "stay within eta policy versions of the trainer. 0 = synchronous RL. A ceiling: see admission.",
+    )
+    admission: str = option(
+        "fresh",
+        "fresh: admit a prompt only as many versions ahead of the trainer (1..eta) as measured generation "
+        "latency and training step time need for the trainer never to wait, so data is as fresh as overlap "
+        "allows; greedy: fill the whole eta budget at once.",
+        choices=("fresh", "greedy"),
     )
     max_concurrent: int = option(64, "Cap on groups generating at once (across all rollout workers).")
     num_workers: int = option(1, "Rollout worker processes (async mode).")

@@ -1,5 +1,5 @@
-"""Hypothesis state machines over random interleavings of admit / finish / abort / train step:
-the staleness bound, whole groups, and accounting of every group."""
+"""Hypothesis state machines over random interleavings of admit / finish / abort / train step /
+a new admission lead: the staleness bound, whole groups, and accounting of every group."""
 
 
 import pytest
@@ -60,11 +60,18 @@ class BufferMachine(RuleBasedStateMachine):
         self.consumed: set[int] = set()
         self.put_seq: dict[int, int] = {}  # gid -> arrival order in the buffer
         self.model_accepted = 0  # the rule's "accepted", recomputed from the model
+        self.lead = eta  # freshness-aware admission moves it within [min(1, eta), eta]
+
+    @rule(data=st.data())
+    def set_lead(self, data):
+        asked = data.draw(st.integers(-1, self.eta + 1), label="lead")
+        self.lead = max(min(1, self.eta), min(asked, self.eta))
+        assert self.ctl.set_lead(asked) == self.lead
 
     @rule()
     def admit(self):
         allowed = (
-            self.model_accepted + len(self.running) < (self.eta + self.v + 1) * self.B
+            self.model_accepted + len(self.running) < (self.lead + self.v + 1) * self.B
             and len(self.running) < self.max_concurrent
         )
         assert self.ctl.try_admit() == allowed
@@ -76,7 +83,7 @@ class BufferMachine(RuleBasedStateMachine):
     @rule()
     def admit_while_capacity(self):
         """What a rollout loop does: start as many groups as the rule allows."""
-        for _ in range(self.max_concurrent + (self.eta + 1) * self.B + 1):
+        for _ in range(self.max_concurrent + (self.lead + 1) * self.B + 1):
             before = len(self.running)
             self.admit()
             if len(self.running) == before:

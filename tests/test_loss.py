@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from areal.trainer.loss import aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty
+from areal.trainer.loss import aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty, loglinear_proximal
 
 torch.set_num_threads(1)
 
@@ -172,3 +172,18 @@ def test_entropy_bonus_and_aggregate():
     assert aggregate(ent, mask, "seq-mean-token-mean").item() == pytest.approx((2.0 + 2.0) / 2)
     with pytest.raises(ValueError):
         aggregate(ent, mask, "sum")
+
+
+def test_loglinear_proximal_hand_values():
+    """A-3PO: alpha = (v - v_b) / (v + 1 - v_b); fresh tokens keep pi_behav, padding (version -1) too."""
+    behaviour = torch.tensor([-1.0, -1.0, -1.0, -1.0, -2.0])
+    current = torch.tensor([-3.0, -3.0, -3.0, -3.0, -5.0], requires_grad=True)
+    versions = torch.tensor([5, 4, 3, 1, -1])
+    prox = loglinear_proximal(behaviour, current, versions, version=5)
+    alphas = torch.tensor([0.0, 1 / 2, 2 / 3, 4 / 5, 0.0])
+    torch.testing.assert_close(prox, behaviour + alphas * (current.detach() - behaviour))
+    assert not prox.requires_grad
+    # the weight pi_prox / pi_behav is (pi_theta / pi_behav) ** alpha: between 1 and the exact one
+    w = torch.exp(prox - behaviour)[:4]
+    exact = torch.exp(current.detach() - behaviour)[:4]
+    assert torch.all((w <= 1.0) & (w >= exact))

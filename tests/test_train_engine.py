@@ -74,3 +74,35 @@ def test_entropy_bonus_enters_the_loss(tiny_qwen2):
         out[coef] = engine.train_step(build_batch(make_groups(), None, pad_token_id=0))
     assert out[0.5]["train/entropy"] == pytest.approx(out[0.0]["train/entropy"], rel=1e-6)
     assert out[0.5]["train/loss"] == pytest.approx(out[0.0]["train/loss"] - 0.5 * out[0.0]["train/entropy"], abs=1e-6)
+
+
+
+def _one_update(model, groups, version=0, **cfg):
+    import copy
+
+    engine = TrainEngine(copy.deepcopy(model), TrainerConfig(lr=1e-2, minibatches=2, **cfg), temperature=1.0)
+    engine.version = version  # the groups' tokens are of version 0
+    stats = engine.train_step(build_batch(groups, [[1.0, -1.0], [-1.0, 1.0]], pad_token_id=0))
+    return engine, stats
+
+
+def _same_weights(a, b) -> bool:
+    return all(torch.allclose(x, y, atol=1e-6, rtol=0) for x, y in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_a3po_on_fresh_tokens_is_naive_ppo_without_the_proximal_pass(tiny_qwen2):
+    """Tokens of the trainer's own version: alpha = 0, so A-3PO's pi_prox is pi_behav exactly."""
+    fresh, stats = _one_update(tiny_qwen2, make_groups(), proximal="loglinear")
+    naive, _ = _one_update(tiny_qwen2, make_groups(), decoupled=False)
+    assert _same_weights(fresh, naive)
+    assert stats["time/proximal_s"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a3po_on_stale_tokens_is_neither_naive_nor_exact(tiny_qwen2):
+    """One version behind (alpha = 1/2): pi_prox moves halfway from pi_behav towards pi_theta."""
+    approx, stats = _one_update(tiny_qwen2, make_groups(), version=1, proximal="loglinear")
+    naive, _ = _one_update(tiny_qwen2, make_groups(), version=1, decoupled=False)
+    exact, _ = _one_update(tiny_qwen2, make_groups(), version=1)
+    assert not _same_weights(approx, naive) and not _same_weights(approx, exact)
+    assert stats["train/importance_weight_mean"] != pytest.approx(1.0, abs=1e-4)
+    assert all(v == v for v in stats.values())  # no NaN

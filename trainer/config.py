@@ -48,6 +48,13 @@ class TrainerConfig:
     decoupled: bool = option(
         True, "Decoupled PPO: recompute pi_prox before the update. False = naive PPO (pi_prox = pi_behav)."
     )
+    proximal: str = option(
+        "recompute",
+        "How decoupled PPO gets pi_prox: recompute (a forward pass over the batch before the update) or "
+        "loglinear (A-3PO: interpolate the behaviour and current log-probs by each token's version; no "
+        "extra pass).",
+        choices=("recompute", "loglinear"),
+    )
     aggregation: str = option(
         "token-mean",
         "Loss aggregation: token-mean over the batch, seq-mean-token-mean, or seq-mean-token-sum-norm (Dr.GRPO).",

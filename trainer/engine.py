@@ -33,7 +33,8 @@ from areal.trainer.backends import TorchBackend, lr_lambda, make_backend, world 
 from areal.trainer.batch import TrainBatch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.critic import ValueModel, clipped_value_loss
-from areal.trainer.loss import _behaviour_weight, aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty
+from areal.trainer.loss import (_behaviour_weight, aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty,
+                                loglinear_proximal)
 from areal.trainer.packing import (MicroBatch, make_microbatches, register_varlen_attention, segment_mask_argument,
                                   split_balanced)
 
@@ -231,8 +232,13 @@ class TrainEngine:
         seq = mb.target_row
         mask = torch.ones_like(logp)
         loss_fn = gspo_loss if cfg.policy_loss == "gspo" else decoupled_ppo_loss
+        behaviour = mb.gather(batch.behaviour_logprobs)
+        if proximal is None:  # A-3PO: interpolated from this forward pass, no pass of its own
+            prox = loglinear_proximal(behaviour, logp, mb.gather(batch.versions), self.version)
+        else:
+            prox = mb.gather(proximal)
         loss, stats = loss_fn(
-            logp, mb.gather(proximal), mb.gather(batch.behaviour_logprobs), mb.gather(advantages), mask,
+            logp, prox, behaviour, mb.gather(advantages), mask,
             eps_clip_low=cfg.eps_clip_low, eps_clip_high=cfg.eps_clip_high,
             behaviour_weight_cap=cfg.behaviour_weight_cap or None, behaviour_weight_mode=cfg.behaviour_weight_mode,
             dual_clip=cfg.dual_clip or None, aggregation=cfg.aggregation, sequence_ids=seq, max_tokens_norm=max_norm,
@@ -249,7 +255,7 @@ class TrainEngine:
         return loss, stats
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One policy update: pi_prox once, then `minibatches` PPO updates; bumps the version."""
+        """One policy update: pi_prox once (or per micro-batch, A-3PO), then `minibatches` PPO updates; bumps the version."""
         cfg = self.cfg
         batch = batch.to(self.device)
         parts = self._minibatch_shares(batch)
@@ -257,7 +263,12 @@ class TrainEngine:
         t0 = time.perf_counter()
         self.model.eval()
         fwd = lambda net: lambda mb: net(**_model_inputs(mb, batch.labels))[0]  # noqa: E731
-        proximal = self._gathered(batch, local, fwd(self.backend.inner)) if cfg.decoupled else batch.behaviour_logprobs
+        if not cfg.decoupled:
+            proximal = batch.behaviour_logprobs  # naive PPO
+        elif cfg.proximal == "loglinear":
+            proximal = None  # each micro-batch interpolates its own (_policy_loss)
+        else:
+            proximal = self._gathered(batch, local, fwd(self.backend.inner))
         t1 = time.perf_counter()
         ref = values = None
         if self.ref_model is not None:
@@ -265,10 +276,13 @@ class TrainEngine:
         if self.critic is not None:
             self.critic.eval()
             values = self._gathered(batch, local, lambda mb: self.critic(**_model_inputs(mb)))
-        advantages, returns = self._advantages(batch, proximal, ref, values)
+        # KL-in-reward needs pi_prox before the update: the behaviour log-probs stand in for A-3PO's
+        known = batch.behaviour_logprobs if proximal is None else proximal
+        advantages, returns = self._advantages(batch, known, ref, values)
         t2 = time.perf_counter()
         # behaviour-weight masking is known before the update: the global counts use it
-        _, eff, _ = _behaviour_weight(proximal, batch.behaviour_logprobs, batch.loss_mask.bool(),
+        # (A-3PO's weights are known only inside each micro-batch: its normaliser counts every token)
+        _, eff, _ = _behaviour_weight(known, batch.behaviour_logprobs, batch.loss_mask.bool(),
                                       cfg.behaviour_weight_cap or None, cfg.behaviour_weight_mode)
         self._eff_mask = eff.float()
         max_norm = float(self.max_new_tokens or batch.loss_mask.sum(1).max().clamp(min=1))

@@ -22,6 +22,12 @@ Dual clip c > 1 (`dual_clip`, Ye et al. 2020), applied to the PPO term before w:
     L_t = w_t · min(−min(u A, clip(u) A), c |A_t|)  =  min(L_t, c |A_t| w_t)   (w ≥ 0)
 With prox == behav (w = 1) this is exactly standard clipped PPO.
 
+π_prox without its forward pass (A-3PO, `loglinear_proximal`): each token's behaviour version v_b,
+the trainer at version v (π_prox) taking the step to v + 1 (π_θ), interpolate in log space
+
+    α_t = (v − v_b) / (v + 1 − v_b)                 0 for fresh tokens (v_b = v), → 1 as they age
+    logπprox ≈ logπbehav + α_t (logπθ − logπbehav)   with logπθ detached
+
 Aggregation of L_t over the valid tokens (m_t = 1):
     "token-mean":              Σ_t m L / Σ_t m
     "seq-mean-token-mean":     mean over sequences s of (Σ_{t∈s} m L / Σ_{t∈s} m)
@@ -228,6 +234,17 @@ def gspo_loss(
         sequence_ids=sequence_ids, max_tokens_norm=max_tokens_norm,
     )  # fmt: skip
     return loss, stats
+
+
+def loglinear_proximal(behaviour_logprobs: Tensor, current_logprobs: Tensor, versions: Tensor, version: int) -> Tensor:
+    """A-3PO's approximation of logπprox (module docstring) from the behaviour and current log-probs.
+    `versions` holds each token's behaviour version (< 0 outside completions: α = 0 there); the result
+    is detached, as a recomputed π_prox would be."""
+    v_b = versions.to(behaviour_logprobs.dtype)
+    alpha = ((version - v_b) / (version + 1 - v_b).clamp(min=1.0)).clamp(0.0, 1.0)
+    alpha = torch.where(versions >= 0, alpha, torch.zeros_like(alpha))
+    behaviour = behaviour_logprobs.detach()
+    return behaviour + alpha * (current_logprobs.detach() - behaviour)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str = "k3") -> Tensor:

@@ -130,6 +130,10 @@ class CheckpointSession:
     def busy(self) -> bool:
         return self.checkpointer.busy
 
+    def wait_idle(self) -> None:
+        """Until the checkpoint in flight (its rollout side included) is committed or failed."""
+        self.checkpointer.wait()
+
     def skip(self, step: int) -> None:
         """A checkpoint fell due while the previous one is still being written (checkpoint.on_busy=skip)."""
         self.checkpointer.skip(step)

@@ -1,0 +1,99 @@
+"""A checkpoint's cut on trainer0 (areal/async_loop.py), message by message: what a worker lost while
+its snapshot is awaited contributes, and what it must not (prompts handed to it after the cut)."""
+
+from __future__ import annotations
+
+import threading
+
+from areal.async_loop import Collector, Dispatcher, Fleet, RemoteEvaluator
+from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
+from areal.channel import Received
+from areal.messages import GroupDone, InFlightGroup, PromptBatch, RoleLost, WorkerSnapshot
+from areal.rollout.worker import Prompt
+from buffer_helpers import make_group
+
+
+class Outbox:
+    def __init__(self):
+        self.sent: list[tuple[str, object]] = []
+
+    def send(self, dest, msg):
+        self.sent.append((dest, msg))
+
+
+class Sampler:
+    def __init__(self):
+        self.i = 0
+
+    def next(self):
+        self.i += 1
+        return self.i, Prompt(self.i, f"p{self.i}", [1, 2], {"answer": "1"})
+
+    def state(self):
+        return {"i": self.i}
+
+
+def _parts(workers=(0,)):
+    endpoint = Outbox()
+    fleet = Fleet(endpoint, new_sender=None)
+    for rank in workers:
+        fleet.join(rank)
+    staleness = StalenessController(4, max_staleness=2, max_concurrent=64)
+    buffer = TrajectoryBuffer(BufferConfig(capacity_groups=64), staleness)
+    dispatcher = Dispatcher(staleness, Sampler(), fleet)
+    evaluator = RemoteEvaluator(fleet, [], 4)
+    collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, on_membership=lambda: None)
+    return fleet, staleness, buffer, dispatcher, collector
+
+
+def _hand(fleet, staleness, rank, ids):
+    for _ in ids:
+        assert staleness.try_admit()
+    groups = [InFlightGroup(g, 0, Prompt(g, f"p{g}", [1, 2], {"answer": "1"})) for g in ids]
+    fleet.hand(rank, groups, PromptBatch(0, list(ids), [g.prompt for g in groups]))
+
+
+def test_a_worker_lost_during_the_cut_contributes_only_what_it_held_at_the_cut():
+    fleet, staleness, buffer, dispatcher, collector = _parts()
+    _hand(fleet, staleness, 0, [0, 1, 2])
+    with collector.lock:
+        done = collector.start_cut([0])
+    _hand(fleet, staleness, 0, [3, 4])  # admitted after the cut: the resumed run admits them again
+    collector.handle(Received("rollout0", GroupDone(make_group(1))))  # shipped before it saw the request
+    collector.handle(Received("controller", RoleLost("rollout0", "killed", False)))
+    cut = done.result(timeout=1)["rollout"]
+    assert [g["group_id"] for g in cut["in_transit"]] == [1]
+    assert [g["group_id"] for g in cut["in_flight"]] == [0, 2]  # never 3 or 4
+    assert sorted(g.group_id for g in dispatcher.orphans) == [0, 2, 3, 4]  # this run still finishes them all
+
+
+def test_a_worker_that_answers_records_its_snapshot_and_later_groups_are_not_in_transit():
+    fleet, staleness, buffer, dispatcher, collector = _parts(workers=(0, 1))
+    _hand(fleet, staleness, 0, [0, 1])
+    _hand(fleet, staleness, 1, [2])
+    with collector.lock:
+        done = collector.start_cut([0, 1])
+    collector.handle(Received("rollout0", GroupDone(make_group(0))))
+    snapshot = WorkerSnapshot(1, [InFlightGroup(1, 0, Prompt(1, "p1", [1, 2], {"answer": "1"}))], {"seed": 1})
+    collector.handle(Received("rollout0", snapshot))
+    collector.handle(Received("rollout0", GroupDone(make_group(1))))  # after its answer: after the cut
+    assert not done.done()
+    # rollout1 dies; rollout0's lost groups were re-issued to... nobody else holds them at the cut
+    collector.handle(Received("controller", RoleLost("rollout1", "killed", False)))
+    cut = done.result(timeout=1)["rollout"]
+    assert [g["group_id"] for g in cut["in_transit"]] == [0]
+    assert [g["group_id"] for g in cut["in_flight"]] == [1, 2]
+    assert cut["worker_rng"] == {"0": {"seed": 1}}
+
+
+def test_a_group_reissued_to_a_second_worker_during_the_cut_is_recorded_once():
+    fleet, staleness, buffer, dispatcher, collector = _parts(workers=(0, 1))
+    _hand(fleet, staleness, 0, [0, 1])
+    _hand(fleet, staleness, 1, [2])
+    with collector.lock:
+        done = collector.start_cut([0, 1])
+    collector.handle(Received("controller", RoleLost("rollout0", "killed", True)))  # 0, 1 go to rollout1
+    assert set(fleet.held[1]) == {0, 1, 2}
+    collector.handle(Received("controller", RoleLost("rollout1", "killed", True)))
+    cut = done.result(timeout=1)["rollout"]
+    assert sorted(g["group_id"] for g in cut["in_flight"]) == [0, 1, 2]

@@ -1,0 +1,150 @@
+"""Freshness-aware admission (areal/buffer/freshness.py): the lead formula, the pacer's feedback,
+and a timed pipeline of real threads (a fake generator with a set latency, a fake trainer with a set
+step time) over the real admission controller and buffer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
+from areal.buffer.freshness import FreshnessPacer, freshness_lead, high_quantile
+from buffer_helpers import make_group
+
+
+@pytest.mark.parametrize("latency, train, eta, expected", [
+    (0.01, 0.05, 4, 1),   # generation far faster than training: the floor of overlap
+    (0.05, 0.05, 4, 2),   # 1.25 * 1.0 -> 2: the margin asks for one more
+    (0.11, 0.05, 4, 3),
+    (1.00, 0.05, 4, 4),   # generation-bound: eta, as greedy admission
+    (1.00, 0.05, 1, 1),
+    (0.00, 0.05, 2, 1),
+    (0.30, 0.05, 0, 0),   # eta = 0: synchronous, whatever was measured
+    (0.30, 0.00, 3, 3),   # the trainer not measured yet: no reason to hold back
+])
+def test_freshness_lead_hand_values(latency, train, eta, expected):
+    assert freshness_lead(latency, train, eta) == expected
+
+
+def test_high_quantile():
+    assert high_quantile([]) == 0.0
+    assert high_quantile([3.0]) == 3.0
+    assert high_quantile(range(10)) == 9
+    assert high_quantile(range(100)) == 90
+
+
+def test_the_lead_never_leaves_one_to_eta_and_eta0_stays_synchronous():
+    for eta in (0, 1, 3):
+        ctl = StalenessController(2, max_staleness=eta)
+        for asked in (-5, 0, 1, 2, 7):
+            assert ctl.set_lead(asked) == max(min(1, eta), min(asked, eta))
+        ctl.set_lead(99)
+        assert ctl.lead == eta
+
+
+def test_a_smaller_lead_admits_less_and_a_larger_one_opens_room_at_once():
+    ctl = StalenessController(2, max_staleness=3, max_concurrent=100)
+    ctl.set_lead(1)
+    assert ctl.capacity() == (1 + 0 + 1) * 2
+    for _ in range(4):
+        assert ctl.try_admit()
+    assert not ctl.try_admit()
+    ctl.set_lead(3)
+    assert ctl.capacity() == 4  # (3 + 1) * 2 - 4
+    for _ in range(4):
+        assert ctl.try_admit()
+    ctl.set_lead(1)  # lowering below what runs already: nothing more starts, nothing breaks
+    assert ctl.capacity() == 0 and ctl.running == 8
+
+
+def test_pacer_waits_raise_the_lead_and_calm_steps_give_it_back():
+    ctl = StalenessController(4, max_staleness=4)
+    now = [0.0]
+    pacer = FreshnessPacer(ctl, patience=3, clock=lambda: now[0])
+    assert ctl.lead == 1  # fresh from the start
+    pacer.admitted([0, 1, 2, 3], now=0.0)
+    for g in range(4):
+        pacer.arrived(g, now=0.01)
+    assert pacer.stepped(own_s=0.1, wait_s=5.0) == 1  # the first batch always waits: not held against it
+    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 2  # waited half a step: one more version of lead
+    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 3
+    for _ in range(2):
+        assert pacer.stepped(own_s=0.1, wait_s=0.0) == 3
+    assert pacer.stepped(own_s=0.1, wait_s=0.0) == 2  # patience 3 calm steps: one back
+    pacer.arrived(99, now=1.0)  # a group admitted before a resume: no latency to learn from
+    assert pacer.stats()["admission/latency_s"] == pytest.approx(0.01)
+
+
+def _pipeline(latency_s: float, step_s: float, eta: int, fresh: bool, steps: int = 24, B: int = 2):
+    """A fake generator (each admitted group arrives latency_s later, its tokens of the version at
+    admission) and a fake trainer (step_s per update) around the real controller, buffer and pacer.
+    Returns (lag of every consumed group per step, the trainer's wait per step)."""
+    ctl = StalenessController(B, max_staleness=eta, max_concurrent=64)
+    buf = TrajectoryBuffer(BufferConfig(capacity_groups=64), ctl)
+    pacer = FreshnessPacer(ctl) if fresh else None
+    stop = threading.Event()
+    timers: list[threading.Timer] = []
+
+    def generate():
+        gid = 0
+        while not stop.is_set():
+            if not ctl.admit(timeout=0.01):
+                continue
+            version = ctl.version  # min_version: generation starts with these weights
+            if pacer:
+                pacer.admitted([gid])
+
+            def finish(gid=gid, version=version):
+                if pacer:
+                    pacer.arrived(gid)
+                buf.put(make_group(gid, [0.0, 1.0], [(version,), (version,)]))
+
+            timers.append(threading.Timer(latency_s, finish))
+            timers[-1].start()
+            gid += 1
+
+    generator = threading.Thread(target=generate, daemon=True)
+    generator.start()
+    lags, waits = [], []
+    try:
+        for v in range(steps):
+            t0 = time.monotonic()
+            batch = buf.get_batch(B, v, timeout=30)
+            t1 = time.monotonic()
+            lags.append([v - g.oldest_version for g in batch])
+            waits.append(t1 - t0)
+            time.sleep(step_s)  # the update
+            ctl.set_version(v + 1)
+            if pacer:
+                pacer.stepped(time.monotonic() - t1, t1 - t0)
+    finally:
+        stop.set()
+        generator.join()
+        for t in timers:
+            t.cancel()
+    return lags, waits
+
+
+@pytest.mark.parametrize("eta", [2, 4])
+def test_a_fast_generator_is_consumed_one_version_behind_and_the_trainer_does_not_wait(eta):
+    lags, waits = _pipeline(latency_s=0.005, step_s=0.04, eta=eta, fresh=True)
+    settled = lags[4:]
+    assert all(lag == 1 for step in settled for lag in step), lags  # the floor of overlap, not eta
+    assert sum(waits[4:]) / len(waits[4:]) < 0.1 * 0.04, waits  # about zero
+
+
+def test_greedy_admission_fills_the_budget_with_a_fast_generator():
+    lags, _ = _pipeline(latency_s=0.005, step_s=0.04, eta=4, fresh=False)
+    assert all(lag == 4 for step in lags[8:] for lag in step), lags
+
+
+def test_a_slow_generator_is_given_the_whole_eta():
+    lags, _ = _pipeline(latency_s=0.25, step_s=0.04, eta=4, fresh=True)
+    assert max(max(step) for step in lags[8:]) == 4, lags
+
+
+def test_eta0_is_unchanged_by_the_pacer():
+    lags, _ = _pipeline(latency_s=0.005, step_s=0.01, eta=0, fresh=True, steps=8)
+    assert all(lag == 0 for step in lags for lag in step)
