@@ -170,12 +170,12 @@ def test_unknown_recipe_name_lists_the_bundled_recipes(tmp_path, monkeypatch, ca
     with pytest.raises(ConfigError) as e:
         build(Recipe, "maths")
     msg = str(e.value)
-    assert "\n" not in msg and "maths" in msg and "bundled recipes: math" in msg
-    with pytest.raises(ConfigError, match=r"recipe file not found: conf/math.yaml \(bundled recipes: math"):
+    assert "\n" not in msg and "maths" in msg and "bundled recipes: chain, math" in msg
+    with pytest.raises(ConfigError, match=r"recipe file not found: conf/math.yaml \(bundled recipes: chain, math"):
         build(Recipe, "conf/math.yaml")  # an explicit path is never looked up by name
     assert main(["recipe=maths", "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "bundled recipes: math" in err
+    assert err.count("\n") == 1 and "bundled recipes: chain, math" in err
 
 
 def test_user_recipe_paths_stay_relative_to_the_current_directory(tmp_path, monkeypatch):

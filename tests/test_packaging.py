@@ -145,4 +145,4 @@ def test_installed_wheel_runs_the_bundled_recipe_from_any_directory(wheel, tmp_p
 
     bad = subprocess.run([str(python), "-P", "-m", "areal.train", "recipe=nope", "--dry-run"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "bundled recipes: math" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "bundled recipes: chain, math" in bad.stderr, bad.stderr
