@@ -67,18 +67,24 @@ def test_a_worker_lost_during_the_cut_contributes_only_what_it_held_at_the_cut()
     assert sorted(g.group_id for g in dispatcher.orphans) == [0, 2, 3, 4]  # this run still finishes them all
 
 
-def test_a_worker_that_answers_records_its_snapshot_and_later_groups_are_not_in_transit():
-    fleet, staleness, buffer, dispatcher, collector = _parts(workers=(0, 1))
+def _cut_over_two_workers():
+    """rollout0 holds groups 0 and 1, rollout1 holds 2; a cut has just started over both."""
+    fleet, staleness, _, _, collector = _parts(workers=(0, 1))
     _hand(fleet, staleness, 0, [0, 1])
     _hand(fleet, staleness, 1, [2])
     with collector.lock:
         done = collector.start_cut([0, 1])
+    return fleet, collector, done
+
+
+def test_a_worker_that_answers_records_its_snapshot_and_later_groups_are_not_in_transit():
+    fleet, collector, done = _cut_over_two_workers()
     collector.handle(Received("rollout0", GroupDone(make_group(0))))
     snapshot = WorkerSnapshot(1, [InFlightGroup(1, 0, Prompt(1, "p1", [1, 2], {"answer": "1"}))], {"seed": 1})
     collector.handle(Received("rollout0", snapshot))
     collector.handle(Received("rollout0", GroupDone(make_group(1))))  # after its answer: after the cut
     assert not done.done()
-    # rollout1 dies; rollout0's lost groups were re-issued to... nobody else holds them at the cut
+    # rollout1 dies before answering: it contributes group 2, which it held at the cut
     collector.handle(Received("controller", RoleLost("rollout1", "killed", False)))
     cut = done.result(timeout=1)["rollout"]
     assert [g["group_id"] for g in cut["in_transit"]] == [0]
@@ -87,11 +93,7 @@ def test_a_worker_that_answers_records_its_snapshot_and_later_groups_are_not_in_
 
 
 def test_a_group_reissued_to_a_second_worker_during_the_cut_is_recorded_once():
-    fleet, staleness, buffer, dispatcher, collector = _parts(workers=(0, 1))
-    _hand(fleet, staleness, 0, [0, 1])
-    _hand(fleet, staleness, 1, [2])
-    with collector.lock:
-        done = collector.start_cut([0, 1])
+    fleet, collector, done = _cut_over_two_workers()
     collector.handle(Received("controller", RoleLost("rollout0", "killed", True)))  # 0, 1 go to rollout1
     assert set(fleet.held[1]) == {0, 1, 2}
     collector.handle(Received("controller", RoleLost("rollout1", "killed", True)))
