@@ -42,7 +42,7 @@ def test_wheel_maps_components_under_areal(wheel):
         assert f"areal/{sub}/__init__.py" in names
     bundled = [p.relative_to(ROOT).as_posix() for d in ("recipes", "assets") for p in sorted((ROOT / d).rglob("*"))
                if p.is_file() and "__pycache__" not in p.parts]
-    assert "recipes/math.yaml" in bundled and "assets/models/tiny-math/model.safetensors" in bundled
+    assert {"recipes/math.yaml", "recipes/r1-distill-qwen-1.5b.yaml", "assets/models/tiny-math/model.safetensors"} <= set(bundled)
     missing = [f for f in bundled if f"areal/{f}" not in names]
     assert not missing, missing  # every bundled recipe and asset file ships in the wheel
 
@@ -145,4 +145,5 @@ def test_installed_wheel_runs_the_bundled_recipe_from_any_directory(wheel, tmp_p
 
     bad = subprocess.run([str(python), "-P", "-m", "areal.train", "recipe=nope", "--dry-run"], cwd=elsewhere,
                          env=env, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "bundled recipes: chain, math" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and ("bundled recipes: chain, gsm8k-qwen2.5-0.5b, gsm8k-qwen2.5-1.5b, math, "
+                                    "math-qwen2.5-math-1.5b, r1-distill-qwen-1.5b") in bad.stderr, bad.stderr

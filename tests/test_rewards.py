@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from areal.rewards import RewardConfig, load_reward_fn, math_reward
 from areal.rewards.loader import is_async_reward_fn, resolve_spec
-from areal.rewards.math import as_plain_number, extract_answer, extract_boxed
+from areal.rewards.math import answer_region, as_plain_number, extract_answer, extract_boxed, extract_reference
 
 FIXTURES = Path(__file__).parent / "fixtures" / "rewards"
 BAD = FIXTURES / "bad_rewards.py"
@@ -107,6 +107,56 @@ def test_math_reward_ground_truth_sources():
     assert math_reward("p", r"it is \boxed{5}", solution=r"... so \boxed{5}.") == 1.0
     assert math_reward("p", "it is 5") == 0.0  # no ground truth at all
     assert math_reward("p", "it is 5", answer="5", unrelated_field=[1, 2]) == 1.0
+
+
+@pytest.mark.parametrize(
+    "reference, expected",
+    [
+        (r"\frac{1}{2}", r"\frac{1}{2}"),  # a bare LaTeX answer is taken whole, not its last number
+        (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\text{Evelyn}", r"\text{Evelyn}"),  # words inside \text{} are the answer, not prose
+        ("x^2+1", "x^2+1"),
+        ("$18", "18"),
+        ("72 dollars", "72"),  # prose: its last number, as for a completion
+        ("The answer is 12", "12"),
+        ("no number in the gold", None),
+        (r"so \boxed{5}.", "5"),  # a MATH solution: its box
+        ("Natalia sold 48/2 = 24 clips.\n#### 72", "72"),  # GSM8K
+    ],
+)
+def test_extract_reference(reference, expected):
+    assert extract_reference(reference) == expected
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, region",
+    [
+        ("Q", "so 5", "so 5"),  # no reasoning block: all of it
+        ("Q", "<think>maybe 4</think> so \\boxed{5}", " so \\boxed{5}"),
+        ("<｜User｜>Q<｜Assistant｜><think>\n", "maybe 4, or 5\n</think>\n\\boxed{5}", "\n\\boxed{5}"),
+        ("<｜User｜>Q<｜Assistant｜><think>\n", "maybe 4, or 5", None),  # cut while thinking
+        ("Q", "<think>maybe 4, or 5", None),
+        ("<think>a</think> Q", "5", "5"),  # a closed block in the prompt opens nothing
+    ],
+)
+def test_answer_region(prompt, completion, region):
+    assert answer_region(prompt, completion) == region
+
+
+def test_math_reward_on_math_and_r1_style_data():
+    # MATH: the reference is a solution whose last box holds the answer
+    solution = r"The roots sum to $-\frac{b}{a} = 3$, so the answer is $\boxed{\frac{3}{2}}$."
+    assert math_reward("p", r"... thus \boxed{1.5}", answer=solution) == 1.0
+    assert math_reward("p", r"... thus \boxed{3}", answer=solution) == 0.0
+    # DeepScaleR / MATH-500: a bare LaTeX answer column
+    assert math_reward("p", r"so \boxed{\dfrac{1}{2}}", answer=r"\frac{1}{2}") == 1.0
+    assert math_reward("p", r"so \boxed{2}", answer=r"\frac{1}{2}") == 0.0
+    # R1 style: the number met while thinking does not count, the answer after </think> does
+    r1_prompt = "<｜User｜>What is 2+3?<｜Assistant｜><think>\n"
+    assert math_reward(r1_prompt, "2+3 is 5, let me check... yes 5.\n</think>\n\nThe answer is \\boxed{5}.",
+                       answer="5") == 1.0
+    assert math_reward(r1_prompt, "2+3 is 5, let me check... 2 plus 3", answer="5") == 0.0  # truncated thinking
+    assert math_reward(r1_prompt, "so 5?\n</think>\n\nThe answer is \\boxed{6}.", answer="5") == 0.0
 
 
 def test_math_reward_latex_path_works_off_the_main_thread():

@@ -9,6 +9,18 @@ Answer extraction (same rules for the completion and for the ground truth):
   3. else the last number in the text: ints, decimals, negatives, thousands
      separators (``1,234``) and simple fractions (``3/4``).
 
+The ground truth gets one more rule (``extract_reference``): a reference with no box and no
+``####`` that reads as a bare answer rather than prose (``\\frac{1}{2}``, ``(3, \\pi)``,
+``\\text{Evelyn}``: no word of three or more letters once LaTeX commands and ``\\text{}``
+groups are removed) is the answer as written, as in the ``answer`` columns of MATH-500 and
+DeepScaleR; prose (``"72 dollars"``) still gives its last number.
+
+Reasoning models (DeepSeek-R1 and its distills) think inside ``<think> ... </think>``, and
+their chat template often opens the ``<think>`` in the prompt. Only the text after the last
+``</think>`` is graded (``answer_region``); a completion whose reasoning never closed (cut at
+``rollout.max_new_tokens``) has no answer and scores 0.0, so a number met while thinking is
+never rewarded.
+
 Comparison: when both answers are plain numbers they are compared exactly as rationals
 (``0.5 == 1/2 == 0.50``, ``72 == 72.0``), with no sympy: this path runs thousands of times
 per training step. Anything else (LaTeX, expressions, sets, ...) goes to math-verify with
@@ -112,6 +124,38 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+# LaTeX that never carries words of the answer's prose: commands (\frac, \pi) and text groups.
+_LATEX_TEXT_GROUP_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{[^{}]*\}")
+_LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
+_PROSE_WORD_RE = re.compile(r"[A-Za-z]{3,}")
+
+
+def extract_reference(text: str) -> str | None:
+    """The final answer of a ground-truth text: `extract_answer`, except that a bare answer
+    (one line, no box, no ``####``, no word of 3+ letters outside LaTeX commands and text
+    groups) is taken whole: ``\\frac{1}{2}`` is one half, not its last number 2."""
+    if not text:
+        return None
+    cleaned = _clean(text)
+    if cleaned and "\n" not in cleaned and "####" not in cleaned and extract_boxed(cleaned) is None:
+        latex_free = _LATEX_COMMAND_RE.sub(" ", _LATEX_TEXT_GROUP_RE.sub(" ", cleaned))
+        if not _PROSE_WORD_RE.search(latex_free) and as_plain_number(cleaned) is None:
+            return cleaned
+    return extract_answer(text)
+
+
+def answer_region(prompt: str, completion: str) -> str | None:
+    """The part of `completion` that holds its answer: after the last ``</think>``, or all of it
+    when there is no reasoning block. None when reasoning was opened (``<think>`` in the
+    completion, or left open at the end of the prompt) and never closed."""
+    if "</think>" in completion:
+        return completion.rsplit("</think>", 1)[1]
+    thinking_opened_in_prompt = prompt.rfind("<think>") > prompt.rfind("</think>")
+    if "<think>" in completion or thinking_opened_in_prompt:
+        return None
+    return completion
+
+
 def as_plain_number(answer: str) -> Fraction | None:
     """`answer` as an exact rational if it is a plain number ("-1,234.5", "3/4"), else None."""
     if not _PLAIN_NUMBER_RE.fullmatch(answer):
@@ -174,15 +218,20 @@ def answers_match(predicted: str, gold: str) -> bool:
 def math_reward(prompt: str, completion: str, *, answer: Any = None, **fields: Any) -> float:
     """1.0 if the completion's final answer equals the ground truth, else 0.0.
 
-    The ground truth is `answer` (a GSM8K "... #### 72" answer, a bare number or a
-    ``\\boxed{}``); if absent, a `ground_truth` or `solution` field is used instead.
+    The ground truth is `answer` (a GSM8K "... #### 72" answer, a MATH solution with a
+    ``\\boxed{}``, or a bare answer such as ``72`` or ``\\frac{1}{2}``); if absent, a
+    `ground_truth` or `solution` field is used instead. Only the completion's text after its
+    reasoning block is graded (`answer_region`).
     """
     if answer is None:
         answer = fields.get("ground_truth", fields.get("solution"))
     if answer is None:
         return 0.0
-    gold = extract_answer(str(answer))
-    predicted = extract_answer(completion)
+    region = answer_region(prompt, completion)
+    if region is None:
+        return 0.0
+    gold = extract_reference(str(answer))
+    predicted = extract_answer(region)
     if gold is None or predicted is None:
         return 0.0
     return 1.0 if answers_match(predicted, gold) else 0.0
