@@ -22,7 +22,9 @@ class ModelConfig:
     )
     dtype: str = option(
         "auto",
-        "Weights dtype. auto = float32 on CPU (bf16 is 40-60x slower there), bfloat16 on CUDA.",
+        "Weights dtype. auto = float32 on CPU (bf16 is 40-60x slower there), bfloat16 on CUDA. "
+        "Rollout, the trainer's forward/backward, the published weights and the exported model use it; "
+        "with bfloat16/float16 the trainer's AdamW steps fp32 master weights (in checkpoints too).",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     trust_remote_code: bool = option(False, "Allow model code from the model folder or hub.")

@@ -17,16 +17,24 @@ buckets are consecutive byte ranges of ~bucket_bytes of that buffer (a big tenso
 Transport: `DistSender` / `DistReceiver`. Control = torch.distributed `TCPStore` hosted by the sender at
 `tcp://HOST:PORT` (port 0 = any free port; read `.address` back), data = `broadcast` over a private
 process group (rank 0 = sender, ranks 1..k = receivers) built directly on that store, so it never
-touches the default process group the trainer may use for its own data parallelism. gloo for CPU
-buffers, NCCL for CUDA buffers, chosen at run time from `device`. Every store wait and collective has
-a timeout (`timeout_s` per transfer, `connect_timeout_s` for forming the group), so a dead peer
-raises instead of hanging. Works across hosts (set GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME there; for
-a loopback address we set GLOO_SOCKET_IFNAME=lo if it is unset).
+touches the default process group the trainer may use for its own data parallelism.
 
-Control messages in the store (`meta`, each header) are JSON, never pickle: a TCPStore listens on all
-interfaces and takes writes from anyone who can reach its port, so unpickling an entry would run that
-writer's code in every receiver. JSON carries only data, and `UpdateHeader.from_json` checks every
-field, raising ValueError on a malformed entry.
+Backend: every member writes where its buffers live (`MemberDevice`: host memory, or which GPU) into
+the store, and each member, once all have written, applies the same pure rule to the same list
+(`weight_group_backend`): NCCL when every member has a GPU of its own, else gloo, whose broadcast
+takes CUDA tensors too (staged through host memory). NCCL refuses two ranks on one GPU, which is what
+roles sharing a GPU get (one GPU for trainer and rollout, more roles than GPUs, fractional Ray GPUs).
+Every group (re-)formation decides anew, so a re-formed group fits its new members.
+
+Every store wait and collective has a timeout (`timeout_s` per transfer, `connect_timeout_s` for
+forming the group), so a dead peer raises instead of hanging. Works across hosts (set
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME there; for a loopback address we set GLOO_SOCKET_IFNAME=lo if
+it is unset).
+
+Control messages in the store (`meta`, each member's device, each header) are JSON, never pickle: a
+TCPStore listens on all interfaces and takes writes from anyone who can reach its port, so unpickling
+an entry would run that writer's code in every receiver. JSON carries only data, and `from_json`
+checks every field, raising ValueError on a malformed entry.
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import reprlib
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -245,8 +253,47 @@ def _loopback_env(host: str) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
-def _backend(device: str | torch.device) -> str:
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+@dataclass(frozen=True)
+class MemberDevice:
+    """Where one member of the weight group keeps its buffers: `gpu` is None for host memory, else the
+    GPU's UUID (unique across hosts, unlike an index: CUDA_VISIBLE_DEVICES renumbers GPUs per process,
+    and two containers on one host have two hostnames but see one GPU)."""
+
+    gpu: str | None
+
+    def to_json(self) -> bytes:
+        return json.dumps({"gpu": self.gpu}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> MemberDevice:
+        """The entry `to_json` wrote; anything else raises ValueError (the store takes writes from anyone)."""
+        (gpu,) = _fields(_load_json(data, "member device"), ("gpu",), "member device")
+        if not (gpu is None or isinstance(gpu, str)):
+            raise ValueError(f"member device: gpu must be a string or null, got {reprlib.repr(gpu)}")
+        return cls(gpu)
+
+
+def local_member_device(device: str | torch.device) -> MemberDevice:
+    """This process's `device` as the weight group sees it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return MemberDevice(None)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return MemberDevice(str(torch.cuda.get_device_properties(index).uuid))
+
+
+def weight_group_backend(members: Sequence[MemberDevice]) -> str:
+    """The weight group's torch.distributed backend, from where its members' buffers live:
+
+        nccl   if every member m has m.gpu and the m.gpu are pairwise distinct
+        gloo   otherwise (a member in host memory, or two members on one GPU)
+
+    NCCL needs a CUDA buffer on every rank and refuses two ranks on one GPU ("Duplicate GPU detected");
+    gloo broadcasts CPU and CUDA tensors alike (CUDA ones staged through host memory), only slower."""
+    gpus = [m.gpu for m in members]
+    if None not in gpus and len(set(gpus)) == len(gpus):
+        return "nccl"
+    return "gloo"
 
 
 def _make_group(store, rank: int, world_size: int, backend: str, timeout: timedelta):
@@ -271,16 +318,23 @@ class _DistEnd:
         self._dist, self.store = dist, store
         self.ctl = dist.PrefixStore("ctl/", store)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
-        self.backend, self.timeout = _backend(device), timedelta(seconds=timeout_s)
+        self.timeout = timedelta(seconds=timeout_s)
         # joining may take as long as a worker needs to start (imports, model load); a transfer should not
         self.connect_timeout = timedelta(seconds=connect_timeout_s or timeout_s)
         self._pg, self._inflight = None, deque()
+        self.members: list[MemberDevice] | None = None  # every rank's device, once the group formed
+        self.backend: str | None = None  # weight_group_backend(members), once the group formed
+        self.ctl.set(f"member/{rank}", local_member_device(device).to_json())
 
     def connect(self) -> None:
         self._group()
 
     def _group(self):
         if self._pg is None:  # rendezvous: every rank must join within the timeout
+            keys = [f"member/{r}" for r in range(self.world_size)]
+            self.ctl.wait(keys, self.connect_timeout)
+            self.members = [MemberDevice.from_json(self.ctl.get(k)) for k in keys]
+            self.backend = weight_group_backend(self.members)  # every rank decides alike from the same list
             self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.connect_timeout)
         return self._pg
 
@@ -318,7 +372,7 @@ class DistSender(_DistEnd, SenderTransport):
         store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=wait)
         self.address = f"tcp://{host}:{store.port}"
         self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s)
-        self.ctl.set("meta", json.dumps({"backend": self.backend, "world_size": self.world_size}).encode())
+        self.ctl.set("meta", json.dumps({"world_size": self.world_size}).encode())
 
     def start_update(self, header: UpdateHeader) -> None:
         self.ctl.set(f"update/{header.seq}", header.to_json())
@@ -353,11 +407,12 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         _loopback_env(host)
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s or timeout_s))
         self.address = address
+        meta = _load_json(dist.PrefixStore("ctl/", store).get("meta"), "meta")
+        (world_size,) = _fields(meta, ("world_size",), "meta")
+        if world_size != num_receivers + 1:
+            raise ValueError(f"receiver (world {num_receivers + 1}) does not match sender (world "
+                             f"{reprlib.repr(world_size)})")
         self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s)
-        backend, world_size = _fields(_load_json(self.ctl.get("meta"), "meta"), ("backend", "world_size"), "meta")
-        if backend != self.backend or world_size != self.world_size:
-            raise ValueError(f"receiver ({self.backend}, world {self.world_size}) does not match sender "
-                             f"({reprlib.repr(backend)}, world {reprlib.repr(world_size)})")
         self._next_seq = 0
 
     def recv_start(self, timeout_s: float) -> UpdateHeader | None:

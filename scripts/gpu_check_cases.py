@@ -307,8 +307,8 @@ def transport_receiver(address: str, backend: str, buffer_device: str, total_mb:
     out: dict = {}
     try:
         _use_device(buffer_device)
-        transport_device = buffer_device if backend == "nccl" else "cpu"  # the transport picks its backend from it
-        receiver = WeightReceiver(DistReceiver(address, 1, 1, device=transport_device, timeout_s=60,
+        # both ends name their real device; the group picks nccl only when every member has its own GPU
+        receiver = WeightReceiver(DistReceiver(address, 1, 1, device=buffer_device, timeout_s=60,
                                                connect_timeout_s=60), device=buffer_device)
         for version in (1, 2):
             update = receiver.wait_for(version, timeout=60)
@@ -347,16 +347,15 @@ def _two_process_transfer(sender_device: str, backend: str, receiver_device: str
     _use_device(sender_device)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    sender = DistSender(num_receivers=1, device=sender_device if backend == "nccl" else "cpu", timeout_s=60,
-                        connect_timeout_s=90)
-    if sender.backend != backend:
-        raise AssertionError(f"DistSender chose {sender.backend}, expected {backend}")
+    sender = DistSender(num_receivers=1, device=sender_device, timeout_s=60, connect_timeout_s=90)
     proc = ctx.Process(target=transport_receiver, args=(sender.address, backend, receiver_device, total_mb,
                                                         results), daemon=True)
     proc.start()
     publisher = WeightPublisher(sender)
     try:
         publisher.wait_connected(90)
+        if sender.backend != backend:  # known once the group has formed
+            raise AssertionError(f"the weight group chose {sender.backend}, expected {backend}")
         for version in (1, 2):
             publisher.publish(version, synthetic_weights(version, sender_device, total_mb))
             publisher.wait(60)

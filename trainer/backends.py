@@ -15,7 +15,8 @@ Both backends expose the same small surface to the engine:
                       schedule, DeepSpeed counters)
 
 * `torch`: one process; with an initialised process group of several ranks the model is
-  wrapped in DistributedDataParallel (gloo on CPU). No extra dependency.
+  wrapped in DistributedDataParallel (gloo on CPU). No extra dependency. bf16/fp16 parameters
+  get fp32 master copies that AdamW steps (TorchBackend); the parameters stay the working copy.
 * `deepspeed`: ZeRO stage 0-3 (`trainer.zero_stage`), optional optimizer CPU offload. It
   is imported only here, only when selected. A torch AdamW is handed to DeepSpeed (its
   own fused/CPU Adam would compile C++ for minutes), and its shared-memory allreduce op
@@ -123,7 +124,25 @@ def _flat_scheduler(scheduler, prefix: str):
     return flatten_state(scheduler.state_dict(), f"{prefix}sched")
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class TorchBackend:
+    """The module's own parameters, stepped by a torch AdamW (under DDP when several ranks run).
+
+    Mixed precision, when the parameters are bf16 or fp16 (model.dtype): they stay the working copy that
+    forward and backward run on, the weights rollout workers receive and the export holds, while AdamW
+    steps fp32 master copies, and its state is fp32 too:
+        g_master = fp32(g)   clip(g_master)   master <- AdamW(master, g_master)   param <- round(master)
+    Stepping the bf16 parameters themselves loses every update under half an ulp: at lr 1e-6 Adam moves
+    a weight of 0.02 by ~1e-6 a step, its bf16 ulp is 1.2e-4, so the weight never moves. A working copy
+    rather than fp32 parameters under autocast: trainer and rollout then compute in the same dtype (the
+    trainer's log-probs match the rollout's behaviour log-probs as closely as before), activations
+    stay bf16, and whoever holds the model object (the sync loop's rollout copy, the export) sees the
+    configured dtype without casting. Gradients stay in the working dtype until the step (DDP reduces
+    them there), as in pure-bf16 training. The checkpoint holds the masters, so resume is exact.
+    """
+
     before_step: Callable[[], None] | None = None
 
     def __init__(self, module: torch.nn.Module, cfg: TrainerConfig, lr: float | None = None):
@@ -131,7 +150,18 @@ class TorchBackend:
         self.inner = module
         _, size = world()
         self.module = torch.nn.parallel.DistributedDataParallel(module) if size > 1 else module
-        self.optimizer, self.scheduler = make_optimizer(module.parameters(), cfg, lr)
+        self._params = list(module.named_parameters())
+        mixed = any(p.dtype in LOW_PRECISION for _, p in self._params)
+        # None: AdamW steps the parameters themselves
+        self.masters = [p.detach().to(torch.float32, copy=True) for _, p in self._params] if mixed else None
+        stepped = self.masters if mixed else [p for _, p in self._params]
+        self.optimizer, self.scheduler = make_optimizer(stepped, cfg, lr)
+
+    def _stepped(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor AdamW steps): the fp32 masters under mixed precision, else the parameters."""
+        if self.masters is None:
+            return self._params
+        return [(name, m) for (name, _), m in zip(self._params, self.masters)]
 
     def sync_context(self, last: bool):
         """DDP reduces gradients only on the last micro-batch of an update."""
@@ -145,12 +175,23 @@ class TorchBackend:
     def step(self) -> float:
         if self.before_step is not None:
             self.before_step()
+        if self.masters is not None:  # the working copy's gradients move to the masters, in fp32
+            for (_, p), m in zip(self._params, self.masters):
+                m.grad = None if p.grad is None else p.grad.to(torch.float32)
+                p.grad = None
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.inner.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_([t for _, t in self._stepped()], clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._round_to_working_copy()
         return float(norm)
+
+    def _round_to_working_copy(self) -> None:
+        if self.masters is not None:
+            with torch.no_grad():
+                for (_, p), m in zip(self._params, self.masters):
+                    p.copy_(m)  # round to nearest even, as autocast and .to(bfloat16) round
 
     @property
     def lr(self) -> float:
@@ -161,10 +202,11 @@ class TorchBackend:
             yield name, p.detach()
 
     def checkpoint_state(self, prefix: str = "") -> tuple[dict[str, Tensor], dict]:
-        """Parameters, AdamW state and LR schedule: the full state (under DDP every rank holds the same)."""
+        """Parameters (the fp32 masters under mixed precision), AdamW state and LR schedule: the full state
+        (under DDP every rank holds the same)."""
         from areal.checkpoint.nested import flatten_state
 
-        tensors = {f"{prefix}model/{name}": p.detach() for name, p in self.inner.named_parameters()}
+        tensors = {f"{prefix}model/{name}": t.detach() for name, t in self._stepped()}
         optim, optim_skeleton = flatten_state(self.optimizer.state_dict(), f"{prefix}optim")
         sched, sched_skeleton = _flat_scheduler(self.scheduler, prefix)
         tensors.update(optim)
@@ -174,7 +216,8 @@ class TorchBackend:
     def load_checkpoint_state(self, tensors: dict[str, Tensor], meta: dict, prefix: str = "") -> None:
         from areal.checkpoint.nested import unflatten_state
 
-        _load_params(list(self.inner.named_parameters()), tensors, prefix)
+        _load_params(self._stepped(), tensors, prefix)  # a checkpoint of another dtype is cast on copy
+        self._round_to_working_copy()
         self.optimizer.load_state_dict(_owned(unflatten_state(meta["optimizer"], tensors)))
         self.scheduler.load_state_dict(unflatten_state(meta["scheduler"], tensors))
 

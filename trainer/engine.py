@@ -363,7 +363,8 @@ class TrainEngine:
 
     def checkpoint_state(self) -> tuple[dict[str, Tensor], dict]:
         """LIVE references (no copies) to this rank's tensors an exact resume needs, keyed by flat names:
-            model/<name>           policy parameters (HF names; under ZeRO-3 this rank's flat partition)
+            model/<name>           policy parameters (HF names; under ZeRO-3 this rank's flat partition;
+                                   the fp32 masters when the torch backend runs bf16/fp16 parameters)
             optim/...              the policy optimizer's state_dict (ZeRO: this rank's partition, fp32 master)
             sched/...              LR schedule tensors, if any
             critic/model/<name>, critic/optim/..., critic/sched/...   with a critic
@@ -398,7 +399,8 @@ class TrainEngine:
         self.version = int(meta["version"])
 
     def named_weights(self) -> Iterator[tuple[str, Tensor]]:
-        """What rollout workers receive after each step (detached, same names as the HF model)."""
+        """What rollout workers receive after each step and the export holds (detached, same names as the HF
+        model, in model.dtype: the working copy when fp32 masters are stepped)."""
         prefix = "policy."
         for name, tensor in self.backend.full_weights():
             yield name[len(prefix):] if name.startswith(prefix) else name, tensor

@@ -174,6 +174,9 @@ class CheckpointSession:
         return out
 
     def summary(self) -> dict:
+        """Totals over the run; waits for the checkpoint in flight, so the last one is counted too."""
+        self.checkpointer.wait()
+        self.metrics()  # records finished since the last step's row
         c = self.committed
         return {
             "checkpoints": len(c),

@@ -76,7 +76,9 @@ def role_needs(recipe) -> list[tuple[str, int, int]]:
 
 def assign_devices(names: list[str], num_gpus: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES per role: trainer ranks first, then rollout workers, one GPU each while
-    they last, then round-robin (roles share a GPU rather than all taking cuda:0). No GPU: ""."""
+    they last, then round-robin (roles share a GPU rather than all taking cuda:0). No GPU: "".
+    Roles sharing a GPU are fine for the weight broadcast: its group then runs on gloo, not NCCL
+    (areal.transport.weight_group_backend)."""
     if num_gpus <= 0:
         return {name: "" for name in names}
     order = sorted(names, key=lambda n: (not n.startswith("trainer"), n))
