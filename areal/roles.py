@@ -36,7 +36,8 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
     chosen by the OS) and sends the real address to the other ranks."""
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    from areal.transport import MemberDevice, local_member_device, weight_group_backend
+
     timeout = timedelta(seconds=STARTUP_TIMEOUT_S)  # also bounds every collective: a lost rank raises, never hangs
     if spec.rank == 0:
         store = dist.TCPStore(spec.bind_host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
@@ -46,6 +47,12 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
         msg = _wait_for(endpoint, TrainerGroup, STARTUP_TIMEOUT_S, "trainer0's process group address")
         host, port = msg.address.removeprefix("tcp://").rsplit(":", 1)
         store = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
+    # the weight group's rule: NCCL only if every rank has a GPU of its own (more ranks than GPUs: gloo)
+    members = dist.PrefixStore("member/", store)
+    members.set(str(spec.rank), local_member_device(device).to_json())
+    keys = [str(r) for r in range(world_size)]
+    members.wait(keys, timeout)
+    backend = weight_group_backend([MemberDevice.from_json(members.get(k)) for k in keys])
     dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size, timeout=timeout)
 
 

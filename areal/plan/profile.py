@@ -1,0 +1,238 @@
+"""`python -m areal.plan --profile [--out FILE]`: measure this machine as a device profile ("here").
+
+One device = one CPU core (torch.set_num_threads(1), as every process of a local async run uses).
+Two models of the shipped family (Qwen2): assets/models/tiny-math (~0.5M parameters) and a ~50M
+random-init configuration, so that fixed costs and per-FLOP costs separate:
+
+* decode: areal's engine (rollout/engine.py) decoding requests of 8 samples with `ignore_eos`, at
+  several running-batch sizes B_s; time per engine step is fitted by least squares as
+      t_step = decode_step_s + B_s · decode_seq_s + 2·P_mm·B_s / infer_flops_s
+  (KV reads are negligible at these sizes, so the decode is compute- and host-bound here);
+* training: areal's TrainEngine.train_step (decoupled PPO with the proximal recompute) on synthetic
+  groups of 8 samples sharing a 12-token prompt, at several sizes and 1 or 4 minibatches, fitted as
+      t_train = M · train_update_s + S · train_seq_s + tokens · train_token_s + F_train / train_flops_s
+  (M minibatches, S sequences);
+* weight sync: Engine.update_weights of the 50M model's tensors, bytes / seconds (the in-process load
+  every update ends with; the loopback broadcast of an async run adds its own copy);
+* rewards: the default math reward through a RewardPool of one worker process, per sample.
+* areal's own loops: one short real run each of sync and async (batch 8, 2 minibatches). The sync
+  run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips and
+  scheduling, several times the bare call); step time beyond what the phases predict is charged per
+  group consumed (`sync_group_s`, `async_group_s`: messages, buffer, batch building on the
+  trainer's path).
+Timings are medians, so the profile is typical of this machine as loaded while it was measured.
+
+Writes the profile JSON (default areal/plan/data/here.json, read by `cluster.gpu=here`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from areal.plan import costs
+from areal.plan.hardware import HERE_PROFILE, Hardware
+from areal.plan.models import from_config
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "assets" / "models" / "tiny-math"
+MODEL_50M = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=11,
+                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+
+
+def _models(quick: bool):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tiny = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    out = [("tiny-math", tiny, tiny.config.to_dict())]
+    if not quick:
+        base = {k: v for k, v in tiny.config.to_dict().items() if k != "layer_types"}
+        cfg = Qwen2Config(**{**base, **MODEL_50M, "max_position_embeddings": 512})
+        out.append(("qwen2-50m", Qwen2ForCausalLM(cfg), cfg.to_dict()))
+    return out
+
+
+def measure_decode(model, batch_sizes, new_tokens: int = 12) -> list[tuple[int, float]]:
+    """(running sequences, seconds per engine step) at each batch size, requests of 8 samples."""
+    from areal.rollout import Engine
+    from areal.rollout.types import SamplingParams
+
+    engine = Engine(model, num_blocks=4096, block_size=16, max_num_seqs=max(batch_sizes), seed=0)
+    rows = []
+    for bs in batch_sizes:
+        params = SamplingParams(n=8, max_new_tokens=new_tokens, ignore_eos=True, seed=1)
+        for r in range(bs // 8):
+            engine.add_request([5 + r % 50] * 12, params, prompt_index=r)
+        engine.step()  # prefill + fork, not a decode step
+        times = []
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        # the median full-batch step: typical of this machine as loaded now, as a run will see it
+        rows.append((bs, float(np.median(times[:-1] or times))))
+    return rows
+
+
+def measure_train(model, shapes, vocab: int) -> list[tuple[list, int, float]]:
+    """([(prompt, [completions])] per group, minibatches, seconds) for synthetic batches of
+    (groups, completion length, minibatches)."""
+    from areal.trainer.batch import build_batch
+    from areal.trainer.config import TrainerConfig
+    from areal.trainer.engine import TrainEngine
+    from areal.trajectory import Group, Trajectory
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for groups, completion, minibatches in shapes:
+        engine = TrainEngine(model, TrainerConfig(lr=1e-5, minibatches=minibatches), temperature=1.0)
+        batch_groups = []
+        for gi in range(groups):
+            prompt = torch.randint(3, vocab, (12,), generator=g).tolist()
+            trajs = [Trajectory(prompt, torch.randint(3, vocab, (completion,), generator=g).tolist(),
+                                [-1.0] * completion, [0] * completion, reward=float(i % 2)) for i in range(8)]
+            batch_groups.append(Group(gi, trajs))
+        batch = build_batch(batch_groups, None, pad_token_id=0)
+        engine.train_step(batch)  # warm-up (optimizer state)
+        times = []
+        for _ in range(5):  # the median of five: typical of this machine as loaded now
+            start = time.perf_counter()
+            engine.train_step(batch)
+            times.append(time.perf_counter() - start)
+        rows.append(([(12, [completion] * 8)] * groups, minibatches, float(np.median(times))))
+    return rows
+
+
+def measure_weight_sync(model) -> float:
+    """Bytes per second of Engine.update_weights for `model`'s tensors."""
+    from areal.rollout import Engine
+
+    engine = Engine(model, num_blocks=64, block_size=16, seed=0)
+    tensors = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    engine.update_weights(1, tensors)
+    times = []
+    for version in (2, 3, 4):
+        start = time.perf_counter()
+        engine.update_weights(version, tensors)
+        times.append(time.perf_counter() - start)
+    return nbytes / min(times)
+
+
+def measure_reward(samples: int = 128) -> float:
+    """Seconds per sample of the default reward through a RewardPool of one worker process, as a run
+    scores a step's groups (one call per group of 8)."""
+    from areal.rewards.pool import RewardPool, RewardRequest
+
+    with RewardPool("areal.rewards.math:math_reward", 1, timeout_s=10.0) as pool:
+        group = [RewardRequest("Q: 12+34\nA: ", f"{40 + i}", {"answer": "46"}) for i in range(8)]
+        pool.score(group)  # the worker's start-up and imports
+        start = time.perf_counter()
+        for _ in range(samples // 8):
+            pool.score(group)
+        return (time.perf_counter() - start) / samples
+
+
+def fit_nonneg(features: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares on relative errors (each row divided by its target, so the tiny model's
+    milliseconds weigh as much as the 50M model's seconds), coefficients ≥ 0: drop the features whose coefficient comes out negative
+    and refit (enough for three features; scipy's NNLS is not a dependency)."""
+    features, target = features / target[:, None], np.ones_like(target)
+    active = list(range(features.shape[1]))
+    coef = np.zeros(features.shape[1])
+    while active:
+        sol = np.linalg.lstsq(features[:, active], target, rcond=None)[0]
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active = [i for i, c in zip(active, sol) if c >= 0] if (sol >= 0).any() else []
+    return coef
+
+
+def profile(quick: bool = False) -> tuple[Hardware, dict]:
+    torch.set_num_threads(1)
+    raw: dict = {"decode": {}, "train": {}}
+    dec_x, dec_y, tr_x, tr_y = [], [], [], []
+    batch_sizes = [8, 32] if quick else [8, 32, 128]
+    for name, model, cfg in _models(quick):
+        arch = from_config(name, cfg)
+        rows = measure_decode(model, batch_sizes)
+        raw["decode"][name] = rows
+        for bs, t in rows:
+            dec_x.append([1.0, bs, 2.0 * arch.matmul_params * bs])
+            dec_y.append(t)
+        shapes = ([(4, 8, 1), (16, 4, 1), (16, 4, 4), (16, 24, 1)] if name == "tiny-math"
+                  else [(2, 8, 1), (4, 16, 1)])
+        rows = measure_train(model, shapes if not quick else shapes[:1] + [(8, 8, 2)], arch.vocab)
+        raw["train"][name] = [(costs.packed_tokens(groups, True)[0], mb, t) for groups, mb, t in rows]
+        for groups, mb, t in rows:
+            tr_x.append([float(mb), float(sum(len(c) for _, c in groups)), costs.packed_tokens(groups, True)[0],
+                         costs.train_flops(arch, groups, extra_forwards=1)])
+            tr_y.append(t)
+        last_model = model
+    a, per_seq, inv_rate = fit_nonneg(np.array(dec_x), np.array(dec_y))
+    ta, per_seq_train, per_tok, tinv = fit_nonneg(np.array(tr_x), np.array(tr_y))
+    sync_bw = measure_weight_sync(last_model)
+    reward_s = measure_reward(50 if quick else 200)
+    big = 1e30  # not the bound on a CPU: no separate memory roofline is measured
+    hw = Hardware("here", train_flops_s=1.0 / tinv if tinv > 0 else big, infer_flops_s=1.0 / inv_rate if inv_rate > 0 else big,
+                  decode_bytes_s=big, intra_bw=sync_bw, inter_bw=sync_bw, mem_bytes=16e9, devices_per_node=os.cpu_count() or 1,
+                  dtype_bytes=4, decode_step_s=float(a), decode_seq_s=float(per_seq), train_update_s=float(ta),
+                  train_token_s=float(per_tok), train_seq_s=float(per_seq_train), reward_s_per_sample=reward_s, weight_sync_latency_s=0.0,
+                  cores=os.cpu_count() or 1)
+    raw["weight_sync_bytes_s"] = sync_bw
+    raw["reward_s_per_sample"] = reward_s
+    if not quick:
+        hw, raw["loop_calibration"] = calibrate_loops(hw)
+    return hw, raw
+
+
+CALIBRATION = ["trainer.batch_size=8", "trainer.minibatches=2", "rollout.max_staleness=1"]
+
+
+def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
+    """Per-group host cost of areal's sync and async loops: one short real run of each, with a batch of
+    8 prompts and 2 minibatches (the validation's runs use 16 and 4), minus what the phases above
+    predict for it, divided by the 8 groups."""
+    import tempfile
+    from dataclasses import replace
+
+    from areal.config import build
+    from areal.plan.validate import mean_prompt_tokens, predict_local, run_local, steady_state
+    from areal.recipe import Recipe
+
+    found = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, extra in (("sync", ["run.mode=sync", "run.num_threads=1"]), ("async", [])):
+            overrides = CALIBRATION + extra
+            recipe = build(Recipe, "math.yaml", overrides)
+            rows = run_local(overrides, Path(tmp) / mode, steps=24)
+            if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
+                samples = recipe.trainer.batch_size * recipe.rollout.group_size
+                reward = [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
+                hw = replace(hw, reward_s_per_sample=float(np.mean(reward)))
+                found["reward_s_per_sample"] = hw.reward_s_per_sample
+            measured, mean_len = steady_state(rows, warmup=8)
+            predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
+            found[f"{mode}_group_s"] = max(0.0, (measured - predicted) / recipe.trainer.batch_size)
+            found[f"{mode}_measured_step_s"], found[f"{mode}_phases_step_s"] = measured, predicted
+    return replace(hw, async_group_s=found["async_group_s"], sync_group_s=found["sync_group_s"]), found
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[argv.index("--out") + 1]) if "--out" in argv and argv.index("--out") + 1 < len(argv) else HERE_PROFILE
+    start = time.perf_counter()
+    hw, raw = profile(quick="--quick" in argv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(hw.to_json() + "\n")
+    print(f"measured in {time.perf_counter() - start:.0f} s; profile written to {out}", file=sys.stderr)
+    print(json.dumps({"profile": asdict(hw), "measurements": raw, "out": str(out)}))
+    return 0
