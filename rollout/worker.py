@@ -204,6 +204,19 @@ class _Running:
         return dataclasses.replace(self.group, finished=list(self.outputs), partial=partial)
 
 
+@dataclass
+class _Evaluating:
+    """A held-out evaluation generating on the engine beside the training groups; the worker applies
+    no weight update until it is scored, so every evaluated token comes from one version."""
+
+    request: EvalRequest
+    started: float  # perf_counter
+    outputs: dict[int, GenerationOutput] = field(default_factory=dict)  # by prompt position
+
+    def complete(self) -> bool:
+        return len(self.outputs) == len(self.request.prompts)
+
+
 def rng_state(backend) -> dict:
     """The RNG state a worker's generation draws on, JSON-able: the process's generators and (the
     engine's) the python Random that seeds unseeded requests."""
@@ -312,12 +325,33 @@ class RolloutWorker:
         return groups, timings
 
     def evaluate(self, request: EvalRequest) -> dict:
-        """Held-out evaluation on this worker's engine with its current weights (`serve` first waits
-        for version >= request.version and applies no other update until this returns, so every
-        evaluated token comes from one version). Requests in flight keep running meanwhile."""
+        """Held-out evaluation on a static-batch backend (HF generate): blocking, with its current weights."""
         from areal.evaluate import evaluate
 
         result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
+        return self._eval_result(request, result)
+
+    def _start_eval(self, request: EvalRequest) -> _Evaluating:
+        """Queue an evaluation's prompts on the streaming engine, where they decode in the same batches
+        as training groups: the groups admitted meanwhile keep flowing to the trainer (a blocking
+        evaluation stalled them, and the trainer waited for its next batch after every evaluation)."""
+        from areal.evaluate import eval_params
+
+        evaluating = _Evaluating(request, time.perf_counter())
+        params = eval_params(request.max_new_tokens)
+        for i, prompt in enumerate(request.prompts):
+            self.backend.add_request(prompt.token_ids, params, prompt_index=i,
+                                     on_finish=lambda _rid, out, i=i: evaluating.outputs.__setitem__(i, out))
+        return evaluating
+
+    def _finish_eval(self, evaluating: _Evaluating) -> dict:
+        from areal.evaluate import score
+
+        outputs = [evaluating.outputs[i] for i in range(len(evaluating.request.prompts))]
+        result = score(self.reward_pool, self.tokenizer, evaluating.request.prompts, outputs, evaluating.started)
+        return self._eval_result(evaluating.request, result)
+
+    def _eval_result(self, request: EvalRequest, result: dict) -> dict:
         return {**result, "eval/step": request.version, "eval/version": self.backend.version, "eval/shard": request.shard}
 
     def _snapshot(self, step: int, in_flight, pending) -> WorkerSnapshot:
@@ -346,6 +380,7 @@ class RolloutWorker:
         engine = self.backend
         pending: deque[InFlightGroup] = deque()  # admitted, waiting for weights of their min_version
         evals: deque[EvalRequest] = deque()  # waiting for weights of their version
+        evaluating: _Evaluating | None = None  # the one on the engine now: weights are held until it is scored
         in_flight: dict[int, _Running] = {}  # started, by group id, in start order
         done: list[int] = []
         stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
@@ -379,10 +414,10 @@ class RolloutWorker:
             outs = sorted(running.outputs, key=lambda o: o.sample_index)
             outbox.put(GroupDone(self.make_group(group_id, running.group.prompt, outs)))
 
-        while not (stopping and not pending and not in_flight and not evals):
+        while not (stopping and not pending and not in_flight and not evals and evaluating is None):
             t0 = time.perf_counter()
             receiver = self.receiver
-            if receiver is not None:
+            if receiver is not None and evaluating is None:
                 receive(receiver, receiver.poll)
             idle = not (self.streaming and engine.has_unfinished())
             try:
@@ -404,13 +439,11 @@ class RolloutWorker:
                 on_control(msg)
             receiver = self.receiver  # on_control may have just replaced it
             wanted = min([e.version for e in evals] + ([pending[0].min_version] if pending else []), default=None)
-            if wanted is not None and wanted > engine.version and idle and receiver is not None:
+            if wanted is not None and wanted > engine.version and idle and receiver is not None and evaluating is None:
                 try:  # eta=0, a fast worker or an evaluation: waiting for weights not yet here
                     receive(receiver, lambda: receiver.wait_for(wanted, timeout=0.05))
                 except TimeoutError:
                     pass
-            while evals and evals[0].version <= engine.version:
-                outbox.put(EvalResult(self.evaluate(evals.popleft())))
             ready: list[InFlightGroup] = []
             while pending and pending[0].min_version <= engine.version:
                 ready.append(pending.popleft())
@@ -424,11 +457,19 @@ class RolloutWorker:
                 in_flight[g] = self._launch(group, lambda _rid, out, g=g: on_finish(g, out))
                 if in_flight[g].request_id is None:  # resumed with every sample already finished
                     done.append(g)
+            if evaluating is None and evals and evals[0].version <= engine.version:  # after the ready groups
+                if self.streaming:
+                    evaluating = self._start_eval(evals.popleft())
+                else:
+                    outbox.put(EvalResult(self.evaluate(evals.popleft())))
             if self.streaming and engine.has_unfinished():
                 engine.step()
             for g in done:
                 ship(g)
             done.clear()
+            if evaluating is not None and evaluating.complete():
+                outbox.put(EvalResult(self._finish_eval(evaluating)))
+                evaluating = None
             spent = time.perf_counter() - t0
             busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)
             if time.perf_counter() - last_stats > stats_every_s or (stopping and not in_flight and not pending):

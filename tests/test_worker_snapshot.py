@@ -252,3 +252,19 @@ def test_rng_state_round_trips_through_json(model, tokenizer):
     set_rng_state(engine, state)
     again = (torch.rand(3), engine._rng.random())
     assert torch.equal(draws[0], again[0]) and draws[1] == again[1]
+
+
+def test_an_evaluation_decodes_beside_training_groups_and_scores_as_a_blocking_one(model, pool, tokenizer, prompts):
+    """A group admitted before an evaluation ships while the evaluation is still decoding (a blocking
+    evaluation held it back until the evaluation was scored, and the trainer waited for it); the
+    evaluation's result is the blocking evaluation's."""
+    from areal.rollout.worker import EvalRequest
+
+    request = EvalRequest(0, prompts * 7, max_new_tokens=8)  # 42 prompts: ~42 prefill steps at 32 tokens/step
+    worker = make_worker(model, pool, tokenizer)
+    out = serve(worker, ScriptedInbox([PromptBatch(0, [1], [prompts[0]]), request, None]))
+    assert [kind for kind, _ in out] == ["group", "eval"]
+    streamed = out[1][1].result
+    blocking = make_worker(model, pool, tokenizer).evaluate(request)
+    for key in ("eval/accuracy", "eval/num_prompts", "eval/response_length", "eval/step", "eval/version"):
+        assert streamed[key] == blocking[key], key
