@@ -36,7 +36,7 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
     chosen by the OS) and sends the real address to the other ranks."""
     import torch.distributed as dist
 
-    from areal.transport import MemberDevice, local_member_device, weight_group_backend
+    from areal.transport import gather_member_devices, publish_member_device, weight_group_backend
 
     timeout = timedelta(seconds=STARTUP_TIMEOUT_S)  # also bounds every collective: a lost rank raises, never hangs
     if spec.rank == 0:
@@ -48,11 +48,9 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
         host, port = msg.address.removeprefix("tcp://").rsplit(":", 1)
         store = dist.TCPStore(host, int(port), world_size, is_master=False, timeout=timeout)
     # the weight group's rule: NCCL only if every rank has a GPU of its own (more ranks than GPUs: gloo)
-    members = dist.PrefixStore("member/", store)
-    members.set(str(spec.rank), local_member_device(device).to_json())
-    keys = [str(r) for r in range(world_size)]
-    members.wait(keys, timeout)
-    backend = weight_group_backend([MemberDevice.from_json(members.get(k)) for k in keys])
+    members = dist.PrefixStore("ranks/", store)  # beside init_process_group's own keys
+    publish_member_device(members, spec.rank, device)
+    backend = weight_group_backend(gather_member_devices(members, world_size, timeout))
     dist.init_process_group(backend, store=store, rank=spec.rank, world_size=world_size, timeout=timeout)
 
 

@@ -282,6 +282,18 @@ def local_member_device(device: str | torch.device) -> MemberDevice:
     return MemberDevice(str(torch.cuda.get_device_properties(index).uuid))
 
 
+def publish_member_device(store, rank: int, device: str | torch.device) -> None:
+    """Write this rank's `MemberDevice` where `gather_member_devices` reads it (`store`: the group's)."""
+    store.set(f"member/{rank}", local_member_device(device).to_json())
+
+
+def gather_member_devices(store, world_size: int, timeout: timedelta) -> list[MemberDevice]:
+    """Every rank's `MemberDevice`, once all have published theirs (raises on timeout)."""
+    keys = [f"member/{r}" for r in range(world_size)]
+    store.wait(keys, timeout)
+    return [MemberDevice.from_json(store.get(k)) for k in keys]
+
+
 def weight_group_backend(members: Sequence[MemberDevice]) -> str:
     """The weight group's torch.distributed backend, from where its members' buffers live:
 
@@ -324,16 +336,14 @@ class _DistEnd:
         self._pg, self._inflight = None, deque()
         self.members: list[MemberDevice] | None = None  # every rank's device, once the group formed
         self.backend: str | None = None  # weight_group_backend(members), once the group formed
-        self.ctl.set(f"member/{rank}", local_member_device(device).to_json())
+        publish_member_device(self.ctl, rank, device)
 
     def connect(self) -> None:
         self._group()
 
     def _group(self):
         if self._pg is None:  # rendezvous: every rank must join within the timeout
-            keys = [f"member/{r}" for r in range(self.world_size)]
-            self.ctl.wait(keys, self.connect_timeout)
-            self.members = [MemberDevice.from_json(self.ctl.get(k)) for k in keys]
+            self.members = gather_member_devices(self.ctl, self.world_size, self.connect_timeout)
             self.backend = weight_group_backend(self.members)  # every rank decides alike from the same list
             self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.connect_timeout)
         return self._pg
