@@ -92,7 +92,9 @@ def run_local(overrides: list[str], run_dir: Path, steps: int = RUN_STEPS) -> li
            f"run.run_dir={run_dir}", "run.eval_every=100000", "checkpoint.every_steps=0",
            "logging.progress_bar=false", "data.eval_size=50", *overrides]
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from areal.metrics import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def steady_state(rows: list[dict], warmup: int = WARMUP_STEPS) -> tuple[float, float]:
