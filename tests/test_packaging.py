@@ -147,3 +147,22 @@ def test_installed_wheel_runs_the_bundled_recipe_from_any_directory(wheel, tmp_p
                          env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and ("bundled recipes: chain, gsm8k-qwen2.5-0.5b, gsm8k-qwen2.5-1.5b, math, "
                                     "math-qwen2.5-math-1.5b, r1-distill-qwen-1.5b") in bad.stderr, bad.stderr
+
+
+def test_the_repo_roots_kernels_folder_does_not_shadow_hugging_faces_kernels_package():
+    """transformers ≥ 5.25 imports Hugging Face's `kernels`; run from the repository root, the folder
+    kernels/ (areal.kernels) is importable under that name too, and must hand the import over."""
+    probe = ("import importlib.metadata as md, kernels, transformers.integrations.hub_kernels;"
+             "print(kernels.__file__)")
+    try:
+        import importlib.metadata as md
+
+        md.version("kernels")
+    except md.PackageNotFoundError:  # older transformers: without the package, `import kernels` must fail
+        probe = "import kernels"
+        result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode != 0 and "No module named 'kernels'" in result.stderr
+        return
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).resolve().parent != ROOT / "kernels"
