@@ -19,13 +19,14 @@ from areal.console import RunView, console
 from areal.evaluate import CORRECT_ABOVE
 from areal.metrics import MetricsSink, read_metrics
 from areal.report import write_report
+from areal.rewards.pool import FAILURE_KINDS
 from areal.setup import Setup
 
 
 def group_metrics(groups) -> dict[str, float]:
     trajs = [t for g in groups for t in g.trajectories]
     rewards = [t.reward for t in trajs]
-    failures = {f"reward/failures_{kind}": 0 for kind in ("error", "timeout", "nan", "non_number")}
+    failures = {f"reward/failures_{kind}": 0 for kind in FAILURE_KINDS}
     for g in groups:
         for kind, count in g.reward_failures.items():
             failures[f"reward/failures_{kind}"] = failures.get(f"reward/failures_{kind}", 0) + count

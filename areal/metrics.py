@@ -56,7 +56,8 @@ STEP_METRICS: dict[str, str] = {
                "importance-weight fractions, entropy, approx_kl, num_valid_tokens, tokens_per_s, ...",
     "reward/mean": "mean reward of the consumed samples",
     "reward/accuracy": "fraction of consumed samples whose reward counts as correct",
-    "reward/failures_<kind>": "samples scored 0 because the reward raised / timed out / was NaN / not a number",
+    "reward/failures_<kind>": "samples scored 0 because the reward raised / timed out / was NaN / not a number / "
+                              "out of range (|reward| > 1e6)",
     "rollout/response_length": "mean completion length of the consumed samples (tokens)",
     "rollout/truncated_fraction": "consumed samples cut at rollout.max_new_tokens",
     "rollout/generated_tokens": "sync: tokens generated this step",

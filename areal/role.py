@@ -73,6 +73,7 @@ def run_role(spec: RoleSpec) -> int:
     """Connect to the hub and run the role; any failure is reported to the controller, then exit 1."""
     from areal.channel import CONTROLLER, Endpoint
     from areal.messages import RoleError
+    from areal.parent import PARENT_ENV, die_with_parent
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the controller's: it stops every role
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,6 +82,9 @@ def run_role(spec: RoleSpec) -> int:
     # a weight group left behind (a worker died) makes the C++ store client print stack traces as warnings
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     os.environ["AREAL_ROLE"] = f"{spec.name}.{spec.incarnation}"  # areal.faults can target one role's process
+    parent = os.environ.pop(PARENT_ENV, "")  # the local launcher's controller: never outlive it
+    if parent.isdigit():
+        die_with_parent(int(parent))
     if spec.bind_host in ("127.0.0.1", "localhost", "::1"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch

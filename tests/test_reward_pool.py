@@ -16,9 +16,10 @@ import torch
 
 from areal.rewards import RewardConfig, RewardPool, RewardRequest
 from areal.rewards._worker import classify
+from areal.rewards.pool import FAILURE_KINDS
 
 BAD = Path(__file__).parent / "fixtures" / "rewards" / "bad_rewards.py"
-NO_FAILURES = {"error": 0, "timeout": 0, "nan": 0, "non_number": 0}
+NO_FAILURES = dict.fromkeys(FAILURE_KINDS, 0)
 
 
 def requests(*completions: str, **fields) -> list[RewardRequest]:
@@ -46,13 +47,13 @@ def test_every_failure_kind_scores_zero_and_the_pool_keeps_working():
         elapsed = time.monotonic() - start
         assert result.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0]
         # "exit" kills its worker (error); "hang" is killed at the deadline (timeout).
-        assert result.failures == {"error": 2, "timeout": 1, "nan": 1, "non_number": 1}
+        assert result.failures == {**NO_FAILURES, "error": 2, "timeout": 1, "nan": 1, "non_number": 1}
         assert elapsed < 5.0  # the hang cost one timeout, not 100 s
         # Replacement workers score the next batch normally; lifetime totals accumulate.
         again = pool.score(requests("abcd", "hang", "ab"))
         assert again.rewards == [4.0, 0.0, 2.0]
         assert again.failures == {**NO_FAILURES, "timeout": 1}
-        assert pool.total_failures == {"error": 2, "timeout": 2, "nan": 1, "non_number": 1}
+        assert pool.total_failures == {**NO_FAILURES, "error": 2, "timeout": 2, "nan": 1, "non_number": 1}
 
 
 def test_hang_does_not_block_other_samples():
@@ -93,7 +94,7 @@ def test_nan_inf_and_non_numbers():
         (np.float32(0.5), "ok", 0.5), (np.array(2), "ok", 2.0), (torch.tensor(1.5), "ok", 1.5),
         (float("-inf"), "nan", 0.0), (torch.tensor(float("nan")), "nan", 0.0), (10**400, "nan", 0.0),
         (torch.tensor([1.0]), "non_number", 0.0), (1j, "non_number", 0.0), ("1", "non_number", 0.0),
-        (None, "non_number", 0.0),
+        (None, "non_number", 0.0), (1e6, "ok", 1e6), (1e30, "out_of_range", 0.0), (-1e7, "out_of_range", 0.0),
     ],
 )
 def test_classify_return_values(value, kind, reward):

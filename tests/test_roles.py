@@ -17,6 +17,7 @@ import pytest
 
 from areal.controller import RoleFailed
 from areal.data import DataError
+from areal.launchers.local import role_pids
 from areal.metrics import read_metrics, undeclared
 from areal.role import RoleSpec
 from areal.train import train
@@ -107,17 +108,8 @@ def test_without_restarts_the_run_finishes_on_the_workers_left(tmp_path, monkeyp
 
 
 def _role_pids(name: str) -> list[int]:
-    """Processes of this test's run playing `name` (e.g. rollout1.0): the local launcher names its spec
-    folder after the controller's pid, and the controller is this process."""
-    pids, folder = [], f"areal-roles-{os.getpid()}-".encode()
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            args = cmdline.read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(folder in a and a.endswith(f"/{name}.json".encode()) for a in args):
-            pids.append(int(cmdline.parent.name))
-    return pids
+    """Processes of this test's run playing `name` (e.g. rollout1.0): the controller is this process."""
+    return role_pids(os.getpid(), name)
 
 
 def _stop_role_when_running(run_dir: Path, name: str, after_steps: int) -> threading.Thread:

@@ -10,7 +10,7 @@ Protocol over one duplex pipe (multiprocessing.connection framing, pickled messa
                     (index, pickled (prompt, completion, fields)); None to stop.
   worker -> parent: ("ready", pid) once the function is loaded, or ("load_error", text);
                     then lists of results (index, kind, reward, detail, seconds), in the
-                    order received, with kind "ok" | "error" | "nan" | "non_number".
+                    order received, with kind "ok" | "error" | "nan" | "non_number" | "out_of_range".
                     Results are sent at the end of each batch, or sooner once FLUSH_S passed.
 
 Progress (shared memory, `PROGRESS` layout): before each item the worker writes the time and
@@ -35,9 +35,15 @@ import time
 import traceback
 from typing import Any
 
+from areal.parent import die_with_parent
+
 _DETAIL_CHARS = 4000
 FLUSH_S = 0.005  # longest a finished result waits in the worker before being sent
 PROGRESS = struct.Struct("<qqd")  # started, finished (item counts), start time of the last started item
+# Rewards are scores of order 1 (a reward model's logit, a few units). One sample at 1e30 takes a GRPO
+# group's whole signal (advantage +2.6 for it, -0.38 for every other sample, right answers included), puts
+# 1e29 into Dr.GRPO's advantages and the run's reward/mean: past this magnitude a value is a bug, not a score.
+MAX_ABS_REWARD = 1e6
 
 
 # Run with `python -c BOOTSTRAP <pipe fd> <progress fd>`: stdlib-only until sys.path is the parent's.
@@ -51,30 +57,12 @@ BOOTSTRAP = (
 )
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this process when the thread that started it exits, even by SIGKILL.
-
-    (The pool starts workers from one long-lived thread, so that means "when the parent
-    exits".) Elsewhere the worker still exits at EOF on its pipe.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except Exception:  # best effort
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def classify(value: Any) -> tuple[str, float, str]:
     """(kind, reward, detail) for a reward function's return value.
 
     Accepted: bool, int, float, any numbers.Real, and 0-dim numeric arrays/tensors
-    (via .item()). NaN/inf -> "nan"; anything else -> "non_number".
+    (via .item()). NaN/inf -> "nan"; |reward| > MAX_ABS_REWARD -> "out_of_range";
+    anything else -> "non_number".
     """
     if not isinstance(value, numbers.Real) and getattr(value, "shape", None) == () and hasattr(value, "item"):
         value = value.item()  # numpy / torch scalar
@@ -83,9 +71,11 @@ def classify(value: Any) -> tuple[str, float, str]:
             reward = float(value)
         except (OverflowError, ValueError, TypeError) as exc:
             return "nan", 0.0, f"returned {value!r:.200} ({exc})"
-        if math.isfinite(reward):
-            return "ok", reward, ""
-        return "nan", 0.0, f"returned {reward!r}"
+        if not math.isfinite(reward):
+            return "nan", 0.0, f"returned {reward!r}"
+        if abs(reward) > MAX_ABS_REWARD:
+            return "out_of_range", 0.0, f"returned {reward!r}, beyond ±{MAX_ABS_REWARD:g}"
+        return "ok", reward, ""
     return "non_number", 0.0, f"returned {type(value).__name__}: {value!r:.200}"
 
 
@@ -101,7 +91,7 @@ def _send(conn, message) -> bool:
 def worker_main(conn, progress_fd: int, fn_spec: str, parent_pid: int) -> None:
     """Entry point of a worker process (see module docstring for the protocol)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # the pool's spawner thread lives as long as the pool
     progress = mmap.mmap(progress_fd, PROGRESS.size)
     os.close(progress_fd)
     try:

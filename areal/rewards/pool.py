@@ -40,7 +40,7 @@ from areal.rewards.loader import load_reward_fn, resolve_spec
 
 logger = logging.getLogger("areal.rewards")
 
-FAILURE_KINDS = ("error", "timeout", "nan", "non_number")
+FAILURE_KINDS = ("error", "timeout", "nan", "non_number", "out_of_range")
 
 # Items in flight per worker: enough that a worker never idles waiting for the parent, few
 # enough that slow items do not pile up behind one worker. Adapted to the measured time per
@@ -98,11 +98,11 @@ def _shorten(value: Any, limit: int = _SAMPLE_CHARS) -> str:
 class RewardPool:
     """Score (prompt, completion, fields) samples with a reward fn in `num_workers` processes.
 
-    Each call gets `timeout_s`; failures ("error", "timeout", "nan", "non_number") score
-    0.0, are counted per call (RewardResult.failures) and over the pool's lifetime
-    (`total_failures`), and the first `max_logged_failures` are logged at WARNING on the
-    "areal.rewards" logger with the sample and the traceback. Use as a context manager or
-    call `close()`.
+    Each call gets `timeout_s`; failures (FAILURE_KINDS: raised, timed out, NaN/inf, not a
+    number, beyond ±MAX_ABS_REWARD) score 0.0, are counted per call (RewardResult.failures)
+    and over the pool's lifetime (`total_failures`), and the first `max_logged_failures` are
+    logged at WARNING on the "areal.rewards" logger with the sample and the traceback. Use as
+    a context manager or call `close()`.
     """
 
     def __init__(
