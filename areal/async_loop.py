@@ -381,11 +381,27 @@ class AsyncLoop:
                 "trainer_wait_s_per_step": sum(self.wait_s) / max(len(self.wait_s), 1),
                 "rollout_idle_fraction": idle / (busy + idle) if busy + idle > 0 else 0.0}
 
+    def ledger(self) -> dict:
+        """Where every admitted group is now: consumed, filtered, held in the buffer or still running
+        (admitted == the four together), with the ids of the held and running ones, so that a group
+        missing from the consumed ids can be told lost from still waiting. One consistent moment: the
+        dispatcher and the collector are paused as for a checkpoint cut."""
+        p = self.parts
+        with p.collector.lock, p.dispatcher.lock, p.fleet.lock:  # capture's order
+            stats, (_, held) = p.buffer.stats(), p.buffer.snapshot()
+            running = {g for groups in p.fleet.held.values() for g in groups}
+            running |= {g.group_id for g in p.dispatcher.orphans}
+            return {"admitted": p.dispatcher.next_group_id, "consumed": stats["consumed"],
+                    "filtered": sum(stats["filtered"].values()), "held": len(held), "running": len(running),
+                    "held_ids": sorted(g.group_id for g in held), "running_ids": sorted(running)}
+
     def capture(self) -> tuple[dict, list[Future]]:
         """The cut of the module docstring: the trainer side now, the rollout side as a Future.
         Held groups are encoded here (small: at most (eta + 1) * B groups)."""
         p = self.parts
-        with p.dispatcher.lock, p.collector.lock:
+        # the collector's lock first, as the collector thread takes them (a worker joining or lost: it hands
+        # prompts out again under the dispatcher's): the other order can deadlock a cut against such a message
+        with p.collector.lock, p.dispatcher.lock:
             counters, held = p.buffer.snapshot()
             loop = {"sampler": p.dispatcher.sampler.state(), "next_group_id": p.dispatcher.next_group_id,
                     "admission": p.staleness.state(), "buffer": counters, "held": [g.to_dict() for g in held]}

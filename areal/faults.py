@@ -16,6 +16,7 @@ fires once. Actions:
     enospc   raise OSError(ENOSPC)           "No space left on device"
     eio      raise OSError(EIO)              "Input/output error"
     raise    raise RuntimeError
+    stop     SIGSTOP this process: alive but silent, a hang rather than a death (run.role_timeout_s names it)
 
 Named points (grep for `faults.hit(` to find them):
 
@@ -38,7 +39,7 @@ import threading
 
 ENV = "AREAL_FAULT"
 ROLE_ENV = "AREAL_ROLE"  # "<role name>.<incarnation>", e.g. rollout1.0
-ACTIONS = ("kill", "enospc", "eio", "raise")
+ACTIONS = ("kill", "enospc", "eio", "raise", "stop")
 
 _lock = threading.Lock()
 _parsed_value: str | None = None
@@ -82,8 +83,9 @@ def hit(point: str) -> None:
 
 
 def _fire(point: str, action: str) -> None:
-    if action == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if action in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+        return  # stop: continued (SIGCONT) where it stopped
     if action == "raise":
         raise RuntimeError(f"injected fault at {point}")
     code = errno.ENOSPC if action == "enospc" else errno.EIO

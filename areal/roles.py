@@ -243,6 +243,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             "generated_tokens": sum(w.get("generated_tokens", 0) for w in workers),  # held groups too
             "buffer": buffer.stats(),
             "admission": staleness.state(),
+            "groups": loop.ledger(),
             "max_version_lag": buffer.stats()["consumed_max_lag"],
             **loop.totals(),
             "eta": ro.max_staleness,
