@@ -20,7 +20,7 @@ two numbers can be read as one "85,850" thousands-separated number.
 The warm-up stops on a validation slice (triples in neither train nor test), never on the
 test split; the test accuracy is measured afterwards and recorded. Accuracy here is always
 the reward's verdict on the decoded completion, exactly as the RL run's evaluation scores it.
-Same script + same machine + same thread count => same weights.
+Same script + same machine + same thread count + same torch and transformers => same weights.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +45,9 @@ from build_default_assets import (  # noqa: E402
     encode_prompts,
     load_tokenizer_checked,
     save_tokenizer,
+    WarmUp,
     seed_everything,
+    warm_up,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,13 +58,11 @@ SEED = 4321
 LOW, HIGH = 10, 99  # every operand is a 2-digit number
 N_OPERANDS = 3
 N_TRAIN, N_TEST, N_VALID = 4000, 500, 1000
-BATCH, LR, WARMUP_STEPS, MAX_STEPS, EVAL_EVERY = 64, 3e-3, 50, 3000, 25
-FINE_FROM, FINE_LR_SCALE, FINE_EVAL_EVERY = 0.12, 0.5, 5  # see warm_up()
 # Stopping at ~0.30 instead left GRPO (recipes/chain.yaml) too few successes per group to
 # climb steadily (0.28 -> 0.38 in 300 steps, with a dip first); at ~0.40 it climbs to ~0.77.
-STOP_AT = 0.40  # first validation greedy accuracy >= this ends the warm-up ...
-TARGET = 0.41  # ... and the scored checkpoint closest to this (in BAND) is kept
-BAND = (0.20, 0.45)
+WARM_UP = WarmUp(seed=SEED, batch=64, lr=3e-3, warmup_steps=50, max_steps=3000, eval_every=25, fine_from=0.12,
+                 fine_lr_scale=0.5, fine_eval_every=5, stop_at=0.40, target=0.41, band=(0.20, 0.45),
+                 trim_pad_columns=True)  # chains differ in length
 MAX_NEW_TOKENS = 32  # the longest chain, "99+99=198, 198+99=297", is 21 characters + eos
 
 
@@ -176,63 +177,6 @@ def chain_accuracy(model, tok, prompts, rows, temperature: float = 0.0, generato
     return sum(ok) / len(ok)
 
 
-# ---------------------------------------------------------------- SFT warm-up
-def warm_up(model, tok, train_rows, valid_rows, log) -> dict:
-    """AdamW SFT on the chains with linear warm-up, stopped at partial skill.
-
-    Coarse phase: greedy accuracy on half the validation rows every EVAL_EVERY steps.
-    Once it passes FINE_FROM the LR is scaled by FINE_LR_SCALE and the full validation set
-    is scored every FINE_EVAL_EVERY steps; the first score >= STOP_AT ends the run, and the
-    scored state closest to TARGET (preferring BAND) is kept.
-    """
-    ids, labels = encode_chain_sft(train_rows, tok)
-    v_prompts = encode_prompts(valid_rows, tok)
-    half = len(valid_rows) // 2
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
-    lr_scale = 1.0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_scale * min(1.0, (s + 1) / WARMUP_STEPS))
-    order_gen = torch.Generator().manual_seed(SEED)  # deterministic data order
-    snapshots: list[tuple[float, int, dict]] = []
-    perm, pos, t0, fine = torch.randperm(len(ids), generator=order_gen), 0, time.time(), False
-    cpu0 = time.process_time()  # CPU seconds: unlike wall time, not inflated by a busy machine
-    model.train()
-    for step in range(1, MAX_STEPS + 1):
-        if pos + BATCH > len(perm):
-            perm, pos = torch.randperm(len(ids), generator=order_gen), 0
-        idx = perm[pos : pos + BATCH]
-        pos += BATCH
-        batch_ids, batch_labels = ids[idx], labels[idx]
-        width = int((batch_labels != -100).nonzero()[:, 1].max()) + 1  # drop all-pad columns
-        loss = model(input_ids=batch_ids[:, :width], labels=batch_labels[:, :width]).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if not fine and step % EVAL_EVERY == 0:
-            acc = chain_accuracy(model, tok, v_prompts[:half], valid_rows[:half])
-            log(f"step {step:5d}  loss {loss.item():.4f}  valid[:{half}] greedy acc {acc:.3f}  ({time.time() - t0:.0f}s)")
-            if acc >= FINE_FROM:
-                fine, lr_scale = True, FINE_LR_SCALE
-                log(f"fine phase: lr x{FINE_LR_SCALE}, full validation every {FINE_EVAL_EVERY} steps")
-        elif fine and step % FINE_EVAL_EVERY == 0:
-            acc = chain_accuracy(model, tok, v_prompts, valid_rows)
-            log(f"step {step:5d}  loss {loss.item():.4f}  valid greedy acc {acc:.3f}  ({time.time() - t0:.0f}s)")
-            snapshots.append((acc, step, {k: v.clone() for k, v in model.state_dict().items()}))
-            snapshots = snapshots[-4:]  # the last few are enough to pick from
-            if acc >= STOP_AT:
-                break
-    if not snapshots:
-        raise RuntimeError(f"validation accuracy never reached {FINE_FROM} in {MAX_STEPS} steps")
-    in_band = [s for s in snapshots if BAND[0] <= s[0] <= BAND[1]] or snapshots
-    acc, step, state = min(in_band, key=lambda s: abs(s[0] - TARGET))
-    model.load_state_dict(state)
-    if not BAND[0] <= acc <= BAND[1]:
-        log(f"WARNING: kept validation accuracy {acc:.3f} is outside the intended {list(BAND)}")
-    return {"sft_steps": step, "sft_seconds": round(time.time() - t0, 1),
-            "sft_cpu_seconds": round(time.process_time() - cpu0, 1), "valid_greedy_accuracy": acc}
-
-
 def held_out_figures(model, tok, rows: list[dict]) -> dict:
     """Greedy accuracy, chain exact match and length on `rows`; T=1 sampled accuracy and pass@8."""
     prompts = encode_prompts(rows, tok)
@@ -294,7 +238,10 @@ def main() -> None:
     print(f"model: {n_params:,} parameters, vocab {len(tok)}")
 
     # 4. partial-skill warm-up, then the held-out figures
-    info = warm_up(model, tok, train_rows, valid_rows, log=print)
+    ids, labels = encode_chain_sft(train_rows, tok)
+    v_prompts = encode_prompts(valid_rows, tok)
+    info = warm_up(model, ids, labels, lambda m, n: chain_accuracy(m, tok, v_prompts[:n], valid_rows[:n]),
+                   len(valid_rows), WARM_UP, log=print)
     info.update(held_out_figures(model, tok, test_rows))
 
     model.save_pretrained(model_dir, safe_serialization=True)
@@ -309,11 +256,13 @@ def main() -> None:
         "seed": SEED,
         "threads": args.threads,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "split_sizes": {"train": N_TRAIN, "test": N_TEST, "valid_internal": N_VALID},
         "operands": {"count": N_OPERANDS, "low": LOW, "high": HIGH},
-        "sft": {"batch": BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "eval_every": EVAL_EVERY,
-                "fine_from": FINE_FROM, "fine_lr_scale": FINE_LR_SCALE,
-                "fine_eval_every": FINE_EVAL_EVERY, "stop_at_valid_acc": STOP_AT, "target": TARGET},
+        "sft": {"batch": WARM_UP.batch, "lr": WARM_UP.lr, "warmup_steps": WARM_UP.warmup_steps,
+                "eval_every": WARM_UP.eval_every, "fine_from": WARM_UP.fine_from,
+                "fine_lr_scale": WARM_UP.fine_lr_scale, "fine_eval_every": WARM_UP.fine_eval_every,
+                "stop_at_valid_acc": WARM_UP.stop_at, "target": WARM_UP.target},
         "rebuild": "python scripts/build_chain_assets.py",
     }
     (model_dir / "BUILD_INFO.json").write_text(json.dumps(build_info, indent=2) + "\n")

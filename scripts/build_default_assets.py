@@ -10,7 +10,7 @@ Writes
 
 The warm-up stops on a validation slice (pairs in neither train nor test), never on the
 test split; the test accuracy is measured afterwards and recorded.
-Same script + same machine + same thread count => same weights.
+Same script + same machine + same thread count + same torch and transformers => same weights.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoTokenizer,
@@ -46,10 +48,6 @@ QWEN2_SPLIT_REGEX = (
 
 SEED = 1234
 N_TRAIN, N_TEST, N_VALID = 4000, 500, 1000
-BATCH, LR, WARMUP_STEPS, MAX_STEPS, EVAL_EVERY = 128, 2e-3, 50, 6000, 25
-FINE_FROM, FINE_LR_SCALE, FINE_EVAL_EVERY = 0.2, 0.5, 5  # see warm_up()
-STOP_AT = 0.37  # first validation greedy accuracy >= this ends the warm-up ...
-TARGET = 0.38  # ... and the scored checkpoint closest to this (in [0.30, 0.45]) is kept
 MAX_NEW_TOKENS = 6
 
 
@@ -222,56 +220,84 @@ def answer_accuracy(model, tok, prompts: torch.Tensor, targets: list[str], tempe
 
 
 # ---------------------------------------------------------------- SFT warm-up
-def warm_up(model, tok, train_rows, valid_rows, log) -> dict:
-    """AdamW SFT with linear warm-up, stopped at partial skill.
+@dataclass(frozen=True)
+class WarmUp:
+    """The SFT warm-up's settings (see `warm_up`); each asset script has its own."""
 
-    Coarse phase: greedy accuracy on half the validation rows every EVAL_EVERY steps.
-    Once it passes FINE_FROM, skill rises fast (carries click in within ~100 steps), so
-    the LR is scaled by FINE_LR_SCALE and the full validation set is scored every
-    FINE_EVAL_EVERY steps; the first score >= STOP_AT ends the run, and the scored state
-    closest to TARGET (preferring [0.30, 0.45]) is kept.
+    seed: int
+    batch: int
+    lr: float
+    warmup_steps: int  # linear LR warm-up
+    max_steps: int
+    eval_every: int  # coarse phase: half the validation rows every this many steps
+    fine_from: float  # validation accuracy that starts the fine phase ...
+    fine_lr_scale: float  # ... which scales the LR by this ...
+    fine_eval_every: int  # ... and scores every validation row this often
+    stop_at: float  # the first fine-phase score >= this ends the warm-up ...
+    target: float  # ... and the scored state closest to this (preferring `band`) is kept
+    band: tuple[float, float]
+    trim_pad_columns: bool = False  # drop a batch's all-padding columns (variable-length answers)
+
+
+WARM_UP = WarmUp(seed=SEED, batch=128, lr=2e-3, warmup_steps=50, max_steps=6000, eval_every=25, fine_from=0.2,
+                 fine_lr_scale=0.5, fine_eval_every=5, stop_at=0.37, target=0.38, band=(0.30, 0.45))
+
+
+def warm_up(model, ids: torch.Tensor, labels: torch.Tensor, valid_accuracy, num_valid: int, cfg: WarmUp,
+            log) -> dict:
+    """AdamW SFT on (ids, labels) with linear LR warm-up, stopped at partial skill.
+
+    Coarse phase: greedy accuracy on half the validation rows every `eval_every` steps. Once it
+    passes `fine_from`, skill rises fast (carries click in within ~100 steps), so the LR is scaled
+    by `fine_lr_scale` and every validation row is scored every `fine_eval_every` steps; the first
+    score >= `stop_at` ends the run, and the scored state closest to `target` (preferring `band`)
+    is kept. `valid_accuracy(model, n)` scores the first n validation rows.
     """
-    ids, labels = encode_sft(train_rows, tok)
-    v_prompts = encode_prompts(valid_rows, tok)
-    v_targets = [final_answer(r["answer"]) for r in valid_rows]
-    half = len(valid_rows) // 2
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+    half = num_valid // 2
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     lr_scale = 1.0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_scale * min(1.0, (s + 1) / WARMUP_STEPS))
-    order_gen = torch.Generator().manual_seed(SEED)  # deterministic data order
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_scale * min(1.0, (s + 1) / cfg.warmup_steps))
+    order_gen = torch.Generator().manual_seed(cfg.seed)  # deterministic data order
     snapshots: list[tuple[float, int, dict]] = []
     perm, pos, t0, fine = torch.randperm(len(ids), generator=order_gen), 0, time.time(), False
     cpu0 = time.process_time()  # CPU seconds: unlike wall time, not inflated by a busy machine
     model.train()
-    for step in range(1, MAX_STEPS + 1):
-        if pos + BATCH > len(perm):
+    for step in range(1, cfg.max_steps + 1):
+        if pos + cfg.batch > len(perm):
             perm, pos = torch.randperm(len(ids), generator=order_gen), 0
-        idx = perm[pos : pos + BATCH]
-        pos += BATCH
-        loss = model(input_ids=ids[idx], labels=labels[idx]).loss
+        idx = perm[pos : pos + cfg.batch]
+        pos += cfg.batch
+        batch_ids, batch_labels = ids[idx], labels[idx]
+        if cfg.trim_pad_columns:
+            width = int((batch_labels != -100).nonzero()[:, 1].max()) + 1
+            batch_ids, batch_labels = batch_ids[:, :width], batch_labels[:, :width]
+        loss = model(input_ids=batch_ids, labels=batch_labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if not fine and step % EVAL_EVERY == 0:
-            acc = answer_accuracy(model, tok, v_prompts[:half], v_targets[:half])
+        if not fine and step % cfg.eval_every == 0:
+            acc = valid_accuracy(model, half)
             log(f"step {step:5d}  loss {loss.item():.4f}  valid[:{half}] greedy acc {acc:.3f}  ({time.time() - t0:.0f}s)")
-            if acc >= FINE_FROM:
-                fine, lr_scale = True, FINE_LR_SCALE
-                log(f"fine phase: lr x{FINE_LR_SCALE}, full validation every {FINE_EVAL_EVERY} steps")
-        elif fine and step % FINE_EVAL_EVERY == 0:
-            acc = answer_accuracy(model, tok, v_prompts, v_targets)
+            if acc >= cfg.fine_from:
+                fine, lr_scale = True, cfg.fine_lr_scale
+                log(f"fine phase: lr x{cfg.fine_lr_scale}, full validation every {cfg.fine_eval_every} steps")
+        elif fine and step % cfg.fine_eval_every == 0:
+            acc = valid_accuracy(model, num_valid)
             log(f"step {step:5d}  loss {loss.item():.4f}  valid greedy acc {acc:.3f}  ({time.time() - t0:.0f}s)")
             snapshots.append((acc, step, {k: v.clone() for k, v in model.state_dict().items()}))
             snapshots = snapshots[-4:]  # the last few are enough to pick from
-            if acc >= STOP_AT:
+            if acc >= cfg.stop_at:
                 break
-    in_band = [s for s in snapshots if 0.30 <= s[0] <= 0.45] or snapshots
-    acc, step, state = min(in_band, key=lambda s: abs(s[0] - TARGET))
+    if not snapshots:
+        raise RuntimeError(f"validation accuracy never reached {cfg.fine_from} in {cfg.max_steps} steps")
+    low, high = cfg.band
+    in_band = [s for s in snapshots if low <= s[0] <= high] or snapshots
+    acc, step, state = min(in_band, key=lambda s: abs(s[0] - cfg.target))
     model.load_state_dict(state)
-    if not 0.30 <= acc <= 0.45:  # e.g. another torch version learns faster: retune STOP_AT / LR
-        log(f"WARNING: kept validation accuracy {acc:.3f} is outside the intended [0.30, 0.45]")
+    if not low <= acc <= high:  # e.g. another torch version learns faster: retune stop_at / lr
+        log(f"WARNING: kept validation accuracy {acc:.3f} is outside the intended {list(cfg.band)}")
     return {"sft_steps": step, "sft_seconds": round(time.time() - t0, 1),
             "sft_cpu_seconds": round(time.process_time() - cpu0, 1), "valid_greedy_accuracy": acc}
 
@@ -314,7 +340,10 @@ def main() -> None:
     print(f"model: {n_params:,} parameters, vocab {len(tok)}")
 
     # 4. partial-skill warm-up, then the held-out figures
-    info = warm_up(model, tok, train_rows, valid_rows, log=print)
+    ids, labels = encode_sft(train_rows, tok)
+    v_prompts, v_targets = encode_prompts(valid_rows, tok), [final_answer(r["answer"]) for r in valid_rows]
+    info = warm_up(model, ids, labels, lambda m, n: answer_accuracy(m, tok, v_prompts[:n], v_targets[:n]),
+                   len(valid_rows), WARM_UP, log=print)
     t_prompts = encode_prompts(test_rows, tok)
     t_targets = [final_answer(r["answer"]) for r in test_rows]
     info["test_greedy_accuracy"] = answer_accuracy(model, tok, t_prompts, t_targets)
@@ -336,10 +365,12 @@ def main() -> None:
         "seed": SEED,
         "threads": args.threads,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "split_sizes": {"train": N_TRAIN, "test": N_TEST, "valid_internal": N_VALID},
-        "sft": {"batch": BATCH, "lr": LR, "warmup_steps": WARMUP_STEPS, "eval_every": EVAL_EVERY,
-                "fine_from": FINE_FROM, "fine_lr_scale": FINE_LR_SCALE,
-                "fine_eval_every": FINE_EVAL_EVERY, "stop_at_valid_acc": STOP_AT, "target": TARGET},
+        "sft": {"batch": WARM_UP.batch, "lr": WARM_UP.lr, "warmup_steps": WARM_UP.warmup_steps,
+                "eval_every": WARM_UP.eval_every, "fine_from": WARM_UP.fine_from,
+                "fine_lr_scale": WARM_UP.fine_lr_scale, "fine_eval_every": WARM_UP.fine_eval_every,
+                "stop_at_valid_acc": WARM_UP.stop_at, "target": WARM_UP.target},
         "rebuild": "python scripts/build_default_assets.py",
     }
     (model_dir / "BUILD_INFO.json").write_text(json.dumps(build_info, indent=2) + "\n")
