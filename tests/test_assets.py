@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
+
+from asset_helpers import load_model, read_rows
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MODEL_DIR = ASSETS / "models" / "tiny-math"
@@ -20,8 +22,7 @@ ROW_QUESTION = re.compile(r"^What is (\d{2}) \+ (\d{2})\?$")
 
 
 def _rows(split: str) -> list[dict]:
-    with open(DATA_DIR / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_rows(DATA_DIR, split)
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    m.eval()
-    return m
+    return load_model(MODEL_DIR)
 
 
 def test_model_folder_has_the_expected_files():

@@ -12,7 +12,9 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
+
+from asset_helpers import load_model, read_rows
 
 from areal.rewards.math import extract_answer, math_reward
 
@@ -26,8 +28,7 @@ MAX_NEW_TOKENS = 32
 
 
 def _rows(split: str) -> list[dict]:
-    with open(DATA_DIR / f"{split}.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+    return read_rows(DATA_DIR, split)
 
 
 def _chain(row: dict) -> str:
@@ -41,10 +42,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.set_num_threads(1)
-    m = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    m.eval()
-    return m
+    return load_model(MODEL_DIR)
 
 
 def test_data_rows_parse_as_worked_chains_and_splits_are_disjoint():
