@@ -57,7 +57,8 @@ STEP_METRICS: dict[str, str] = {
     "reward/mean": "mean reward of the consumed samples",
     "reward/accuracy": "fraction of consumed samples whose reward counts as correct",
     "reward/failures_<kind>": "samples scored 0 because the reward raised / timed out / was NaN / not a number / "
-                              "out of range (|reward| > 1e6)",
+                              "out of range (|reward| > 1e6) / hit reward.memory_mb (memory), reward.cpu_seconds "
+                              "(cpu) or reward.max_processes (processes)",
     "rollout/response_length": "mean completion length of the consumed samples (tokens)",
     "rollout/truncated_fraction": "consumed samples cut at rollout.max_new_tokens",
     "rollout/generated_tokens": "sync: tokens generated this step",

@@ -93,3 +93,6 @@ class Recipe:
                 raise ConfigError(f"launcher.{role}: cpus must be >= 1 and gpus >= 0, got {res.cpus} and {res.gpus}")
         if self.reward.timeout_s <= 0:
             raise ConfigError(f"reward.timeout_s: must be > 0, got {self.reward.timeout_s}")
+        for key in ("cpu_seconds", "memory_mb", "max_processes"):
+            if getattr(self.reward, key) < 0:
+                raise ConfigError(f"reward.{key}: must be >= 0, got {getattr(self.reward, key)}")

@@ -65,8 +65,7 @@ def make_backend(recipe: Recipe, model, tokenizer, version: int = 0):
 
 
 def make_reward_pool(recipe: Recipe) -> RewardPool:
-    rc = recipe.reward
-    return RewardPool(rc.fn, rc.num_workers, rc.timeout_s, rc.max_logged_failures)
+    return RewardPool.from_config(recipe.reward)
 
 
 def check_kv_pool(recipe: Recipe, longest_prompt: int) -> None:

@@ -17,6 +17,12 @@ and forkserver re-import the parent's __main__ script in every worker (CPython 3
 forkserver does not preload it), so with a training script that imports torch each
 worker (and each replacement after a hang) took ~2-5 s to start and held its own copy of
 torch. A bare worker starts in ~0.2 s and imports only the reward fn's module.
+
+Sandbox (_sandbox.py): a worker runs under a CPU-time and an address-space limit, in its own
+session under a guardian process that keeps every process the reward starts in its tree, with
+secrets removed from its environment. A call that runs out of memory or CPU time, or whose
+processes pass max_processes, scores 0.0 ("memory", "cpu", "processes"), and its worker is
+killed with everything it started and replaced, as after a timeout.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import atexit
 import concurrent.futures
 import logging
 import math
+import os
 import pickle
 import threading
 import time
@@ -35,12 +42,15 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
+from areal.rewards import _sandbox as sandbox
 from areal.rewards._process import WorkerProcess as _Worker
+from areal.rewards.config import RewardConfig
 from areal.rewards.loader import load_reward_fn, resolve_spec
+from areal.role import SECRET_ENV
 
 logger = logging.getLogger("areal.rewards")
 
-FAILURE_KINDS = ("error", "timeout", "nan", "non_number", "out_of_range")
+FAILURE_KINDS = ("error", "timeout", "nan", "non_number", "out_of_range", "memory", "cpu", "processes")
 
 # Items in flight per worker: enough that a worker never idles waiting for the parent, few
 # enough that slow items do not pile up behind one worker. Adapted to the measured time per
@@ -54,6 +64,13 @@ _PIPE_BYTE_BUDGET = 64 * 1024
 _STARTUP_TIMEOUT_S = 120.0  # loading the reward fn (imports) in a fresh worker
 _MAX_STARTUP_FAILURES = 3  # consecutive workers that die or fail before being ready
 _SAMPLE_CHARS = 300  # per logged prompt/completion/fields
+# While a call runs, how often its worker's process count and CPU time are read from /proc
+# (~20 us a worker): a fork bomb gets this long, plus the time to stop it.
+_WATCH_S = 0.05
+_DEFAULTS = RewardConfig()
+# After a worker's scorer died: how long its guardian gets to kill what is left and exit as the
+# scorer did (so the log names the real exit code) before it is killed as well.
+_GUARDIAN_GRACE_S = 0.5
 
 
 @dataclass
@@ -98,8 +115,10 @@ def _shorten(value: Any, limit: int = _SAMPLE_CHARS) -> str:
 class RewardPool:
     """Score (prompt, completion, fields) samples with a reward fn in `num_workers` processes.
 
-    Each call gets `timeout_s`; failures (FAILURE_KINDS: raised, timed out, NaN/inf, not a
-    number, beyond ±MAX_ABS_REWARD) score 0.0, are counted per call (RewardResult.failures)
+    Each call gets `timeout_s`, `cpu_seconds` of CPU time, `memory_mb` more address space and
+    `max_processes` processes (0 = no limit; see RewardConfig); failures (FAILURE_KINDS: raised,
+    timed out, NaN/inf, not a number, beyond ±MAX_ABS_REWARD, out of memory, out of CPU time,
+    too many processes) score 0.0, are counted per call (RewardResult.failures)
     and over the pool's lifetime (`total_failures`), and the first `max_logged_failures` are
     logged at WARNING on the "areal.rewards" logger with the sample and the traceback. Use as
     a context manager or call `close()`.
@@ -111,16 +130,30 @@ class RewardPool:
         num_workers: int,
         timeout_s: float,
         max_logged_failures: int = 5,
+        *,
+        cpu_seconds: float = _DEFAULTS.cpu_seconds,
+        memory_mb: int = _DEFAULTS.memory_mb,
+        max_processes: int = _DEFAULTS.max_processes,
+        env_allow: tuple[str, ...] | list[str] = (),
     ):
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        for name, value in (("cpu_seconds", cpu_seconds), ("memory_mb", memory_mb), ("max_processes", max_processes)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no limit), got {value}")
         load_reward_fn(fn_spec)  # fail fast, here, with the loader's message
         self.fn_spec = fn_spec
         self.timeout_s = float(timeout_s)
         self.max_logged_failures = max_logged_failures
         self.total_failures = {kind: 0 for kind in FAILURE_KINDS}
+        self.limits = {"cpu_seconds": float(cpu_seconds), "memory_mb": int(memory_mb),
+                       "max_processes": int(max_processes)}  # what each worker applies (worker_main)
+        self.env_allow = tuple(env_allow)
+        # Read from /proc while a call runs: the reward's processes, and CPU time past a limit
+        # whose signal the worker could not act on (see _sandbox.py).
+        self._watching = sandbox.LINUX and bool(cpu_seconds or max_processes)
         self._spec = resolve_spec(fn_spec)  # workers may not share our current directory
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="areal-reward-spawner")
         self._logged_failures = 0
@@ -131,7 +164,7 @@ class RewardPool:
         self._workers: list[_Worker] = []
         _LIVE_POOLS.add(self)
         try:
-            self._workers = [_Worker(self._spawner, self._spec) for _ in range(num_workers)]
+            self._workers = [self._start_worker() for _ in range(num_workers)]
         except BaseException:
             self.close()
             raise
@@ -139,7 +172,9 @@ class RewardPool:
     @classmethod
     def from_config(cls, config) -> RewardPool:
         """Build from an areal.rewards.RewardConfig."""
-        return cls(config.fn, config.num_workers, config.timeout_s, config.max_logged_failures)
+        return cls(config.fn, config.num_workers, config.timeout_s, config.max_logged_failures,
+                   cpu_seconds=config.cpu_seconds, memory_mb=config.memory_mb,
+                   max_processes=config.max_processes, env_allow=config.env_allow)
 
     # --- public API -----------------------------------------------------------------
 
@@ -183,10 +218,14 @@ class RewardPool:
 
     # --- used by _ScoringRun --------------------------------------------------------
 
+    def _start_worker(self) -> _Worker:
+        env = sandbox.worker_environment(dict(os.environ), self.env_allow, SECRET_ENV)
+        return _Worker(self._spawner, self._spec, self.limits, env)
+
     def _replace(self, worker: _Worker) -> _Worker:
         worker.stop()
         worker.join_or_kill()
-        fresh = _Worker(self._spawner, self._spec)
+        fresh = self._start_worker()
         self._workers[self._workers.index(worker)] = fresh
         return fresh
 
@@ -265,7 +304,7 @@ class _ScoringRun:
             for worker in list(self.pool._workers):
                 if worker.conn in readable:
                     self._drain(worker)
-            self._enforce_deadlines()
+            self._enforce_limits()
 
     def _fail(self, index: int, kind: str, detail: str) -> None:
         self.rewards[index] = 0.0
@@ -280,9 +319,13 @@ class _ScoringRun:
             return worker.started_at + _STARTUP_TIMEOUT_S
         if not worker.pending:
             return math.inf
-        started, finished, start_time = worker.read_progress()
+        started, finished, start_time, _ = worker.read_progress()
+        calling = started > finished
         # Between calls the next one starts no earlier than now.
-        return (start_time if started > finished else now) + self.pool.timeout_s
+        deadline = (start_time if calling else now) + self.pool.timeout_s
+        if self.pool._watching:  # in a call: its next watch; between calls: soon, to see the next one start
+            deadline = min(deadline, worker.next_watch_at if calling else now + _WATCH_S)
+        return deadline
 
     def _pipeline_depth(self) -> int:
         seconds = self.pool._item_seconds
@@ -326,6 +369,10 @@ class _ScoringRun:
             while True:
                 message = worker.conn.recv()
                 self._on_message(worker, message)
+                if worker.tainted and worker in self.pool._workers:
+                    # It hit a limit, reported it and scores nothing more: replace it.
+                    self._kill_and_settle(worker, None, "", "")
+                    return
                 if worker not in self.pool._workers or not worker.conn.poll():
                     return
         except (EOFError, OSError):
@@ -334,6 +381,7 @@ class _ScoringRun:
     def _on_message(self, worker: _Worker, message: tuple | list) -> None:
         if isinstance(message, tuple) and message[0] == "ready":
             worker.ready = True
+            worker.scorer_pid = message[1]
             self.pool._startup_failures = 0
             return
         if isinstance(message, tuple) and message[0] == "load_error":
@@ -349,13 +397,16 @@ class _ScoringRun:
                 self.rewards[index] = reward
                 self.remaining -= 1
             else:
+                if kind in sandbox.TAINTING_KINDS:
+                    worker.tainted = True
+                    detail += "\nThe worker and every process it started were killed and replaced."
                 self._fail(index, kind, detail)
 
     def _settle_lost_worker(self, worker: _Worker, blamed: int | None, kind: str, detail: str) -> None:
         """After a worker is gone (and its pipe drained): charge item number `blamed` (if it
         had not finished) with a `kind` failure; put every other unanswered item back in the
         queue, in order (finished-but-unsent results are lost, so those run again)."""
-        _, finished, _ = worker.read_progress()
+        finished = worker.read_progress()[1]
         requeue = []
         for number, item in enumerate(worker.pending, start=worker.reported + 1):
             if number == blamed and finished < blamed:
@@ -371,18 +422,19 @@ class _ScoringRun:
         """The worker's pipe hit EOF (its results before that are already read)."""
         if worker not in self.pool._workers:
             return
-        worker.join_or_kill()
+        worker.kill(grace_s=_GUARDIAN_GRACE_S)  # whatever it started may still run
         if not worker.ready:
             self.pool._startup_failed(worker, f"worker exited with code {worker.exitcode} before it was ready")
             return
-        started, finished, _ = worker.read_progress()
+        started, finished, _, _ = worker.read_progress()
         detail = (
             f"the reward worker process died (exit code {worker.exitcode}) while scoring this sample; "
             "it was replaced"
         )
         self._settle_lost_worker(worker, started if started > finished else None, "error", detail)
 
-    def _enforce_deadlines(self) -> None:
+    def _enforce_limits(self) -> None:
+        """Startup and call timeouts, and (while a call runs) the reward's processes and CPU time."""
         now = time.monotonic()
         for worker in list(self.pool._workers):
             if worker not in self.pool._workers:
@@ -395,15 +447,47 @@ class _ScoringRun:
                 else:
                     self.pool._startup_failed(worker, f"not ready after {_STARTUP_TIMEOUT_S:.0f}s")
                 continue
-            started, finished, start_time = worker.read_progress()
-            if not worker.pending or started <= finished or now < start_time + self.pool.timeout_s:
+            started, finished, start_time, cpu_start = worker.read_progress()
+            if not worker.pending or started <= finished:
                 continue
-            worker.kill()
-            try:  # results sent before the kill are still in the pipe: keep them
-                while worker.conn.poll():
-                    self._on_message(worker, worker.conn.recv())
-            except (EOFError, OSError):
-                pass
-            detail = f"no result after {self.pool.timeout_s:g}s; the worker process was killed and replaced"
-            # Item number `started` is blamed unless it finished in the instant before the kill.
-            self._settle_lost_worker(worker, started, "timeout", detail)
+            if now >= start_time + self.pool.timeout_s:
+                detail = f"no result after {self.pool.timeout_s:g}s; the worker process was killed and replaced"
+                # Item number `started` is blamed unless it finished in the instant before the kill.
+                self._kill_and_settle(worker, started, "timeout", detail)
+            elif self.pool._watching and now >= worker.next_watch_at:
+                worker.next_watch_at = now + _WATCH_S
+                breach = self._over_limit(worker, cpu_start)
+                if breach:
+                    self._kill_and_settle(worker, started, *breach)
+
+    def _over_limit(self, worker: _Worker, cpu_start: float) -> tuple[str, str] | None:
+        """(kind, detail) when the worker's current call has too many processes alive or has used
+        CPU time well past its limit (so the worker could not stop it itself)."""
+        limits = self.pool.limits
+        if limits["max_processes"]:
+            count = sandbox.count_reward_processes(worker.pid)
+            if count > limits["max_processes"]:
+                return "processes", (
+                    f"{count} processes alive during the call, more than {limits['max_processes']} "
+                    "(reward.max_processes); the worker and every process it started were killed and replaced"
+                )
+        if limits["cpu_seconds"]:
+            used = sandbox.cpu_seconds_used(worker.scorer_pid)
+            kill_at = sandbox.cpu_soft_limit(cpu_start, limits["cpu_seconds"]) + sandbox.CPU_GRACE_S
+            if used is not None and used > kill_at:
+                return "cpu", (
+                    f"{used - cpu_start:.1f} s of CPU time, more than {limits['cpu_seconds']:g} (reward.cpu_seconds), "
+                    "in code that never let the limit's signal through (C code holding the GIL?); "
+                    "the worker was killed and replaced"
+                )
+        return None
+
+    def _kill_and_settle(self, worker: _Worker, blamed: int | None, kind: str, detail: str) -> None:
+        """Kill a worker that is still running, with all it started; keep the results it had sent."""
+        worker.kill()
+        try:  # results sent before the kill are still in the pipe: keep them
+            while worker.conn.poll():
+                self._on_message(worker, worker.conn.recv())
+        except (EOFError, OSError):
+            pass
+        self._settle_lost_worker(worker, blamed, kind, detail)
