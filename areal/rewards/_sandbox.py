@@ -1,7 +1,8 @@
 """What contains a reward worker: resource limits, a scrubbed environment, its whole process tree.
 
-Stdlib only: the worker imports this before the reward fn (see _worker.py). Linux is where the
-limits bite; elsewhere the environment is still scrubbed and the rest does nothing.
+Stdlib only: the worker imports this before the reward fn (see _worker.py). Everything below
+works on Linux; elsewhere only the scrubbed environment, the CPU limit and the process-group
+kill apply (the rest needs /proc and prctl).
 
 Memory (reward.memory_mb): RLIMIT_AS, set once the reward fn is loaded, at the worker's address
     space then plus memory_mb. An allocation past it fails inside the reward code (MemoryError),
