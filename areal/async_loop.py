@@ -369,7 +369,7 @@ class AsyncLoop:
         self.parts, self.cfg, self.pad_token_id, self.timeout_s = parts, trainer_cfg, pad_token_id, timeout_s
         self.first_step = first_step
         self.lags: Counter = Counter()  # consumed tokens by version lag, over this process's steps
-        self.wait_s: list[float] = []  # the trainer's wait for each batch
+        self.wait_s_total, self.steps_run = 0.0, 0  # the trainer's wait for its batches, over this process's steps
 
     def totals(self) -> dict:
         """The run's freshness and balance (this process's steps: a resumed run counts from its resume)."""
@@ -378,7 +378,7 @@ class AsyncLoop:
         tokens = sum(self.lags.values())
         return {"lag_mean": sum(k * c for k, c in self.lags.items()) / max(tokens, 1),
                 "lag_max": max(self.lags, default=0),
-                "trainer_wait_s_per_step": sum(self.wait_s) / max(len(self.wait_s), 1),
+                "trainer_wait_s_per_step": self.wait_s_total / max(self.steps_run, 1),
                 "rollout_idle_fraction": idle / (busy + idle) if busy + idle > 0 else 0.0}
 
     def ledger(self) -> dict:
@@ -427,7 +427,7 @@ class AsyncLoop:
             t1 = time.perf_counter()
             lags = token_lags(groups, engine.version)
             self.lags.update(lags)
-            self.wait_s.append(t1 - t0)
+            self.wait_s_total, self.steps_run = self.wait_s_total + (t1 - t0), self.steps_run + 1
             metrics = engine.train_step(build_batch(groups, None, self.pad_token_id))
             t2 = time.perf_counter()
             if pacer is not None:  # the lead for the next admissions: the trainer's own time this step, waits apart

@@ -56,7 +56,9 @@ def drive(s: Setup, loop, eval_fn, session: CheckpointSession, restored: Restore
     start = time.perf_counter() - carried["wall_s"]  # the wall clock continues across a resume
     sink = MetricsSink(run_dir, recipe.logging, to_dict(recipe), wandb_id=carried["wandb_id"])
     waiting: deque[tuple[int, dict, object]] = deque()  # (step, metrics, evaluation or None), in step order
-    evals: list[dict] = [{k: v for k, v in r.items() if k.startswith("eval/")} for r in prior if "eval/accuracy" in r]
+    # held-out accuracy of the first and of the latest evaluation (not of every one: a long run makes thousands)
+    evaluated = [r["eval/accuracy"] for r in prior if "eval/accuracy" in r]
+    accuracy = [evaluated[0], evaluated[-1]] if evaluated else [None, None]
     generated = carried["generated"]
 
     def request_eval(step: int) -> Future:
@@ -74,8 +76,10 @@ def drive(s: Setup, loop, eval_fn, session: CheckpointSession, restored: Restore
             if evaluation is not None:
                 result = _result(evaluation)  # done() can come a moment before the stamping callback
                 wall = getattr(evaluation, "wall_s", time.perf_counter() - start)
-                evals.append({**result, "eval/wall_s": wall})
-                metrics.update(evals[-1])
+                metrics.update({**result, "eval/wall_s": wall})
+                if accuracy[0] is None:
+                    accuracy[0] = result["eval/accuracy"]
+                accuracy[1] = result["eval/accuracy"]
             sink.log(step, metrics)
             if step == 0:
                 console.print(f"initial held-out accuracy {metrics['eval/accuracy']:.3f}")
@@ -124,8 +128,8 @@ def drive(s: Setup, loop, eval_fn, session: CheckpointSession, restored: Restore
     finally:
         sink.close()
     summary = {
-        "eval_accuracy_initial": evals[0]["eval/accuracy"],
-        "eval_accuracy_final": evals[-1]["eval/accuracy"],
+        "eval_accuracy_initial": accuracy[0],
+        "eval_accuracy_final": accuracy[1],
         "steps": last_step,
         "resumed_from_step": restored.step if restored else None,
         "loop_seconds": time.perf_counter() - start,  # first evaluation to the last step, across resumes

@@ -83,8 +83,8 @@ class WeightReceiver:
         self.received = 0
         self.dropped = 0  # complete updates superseded before anyone polled them
         self.applied_version: int | None = None
-        self.pauses_s: list[float] = []
-        self.recv_s: list[float] = []
+        self.last_pause_s: float | None = None  # the last update's (a list of every one would grow all run long)
+        self.last_recv_s: float | None = None
         self._cond = threading.Condition()
         self._buffers: list[torch.Tensor] = []  # at most two, of the current layout's size
         self._ready: WeightUpdate | None = None
@@ -153,10 +153,10 @@ class WeightReceiver:
         }
         if self.applied_version is not None:
             out["weights/applied_version"] = self.applied_version
-        if self.pauses_s:
-            out["weights/pause_s"] = self.pauses_s[-1]
-        if self.recv_s:
-            out["weights/recv_s"] = self.recv_s[-1]
+        if self.last_pause_s is not None:
+            out["weights/pause_s"] = self.last_pause_s
+        if self.last_recv_s is not None:
+            out["weights/recv_s"] = self.last_recv_s
         return out
 
     # ------------------------------------------------------------------ internals
@@ -176,7 +176,7 @@ class WeightReceiver:
 
     def _record_pause(self, update: WeightUpdate) -> None:
         with self._cond:
-            self.pauses_s.append(update.pause_s)
+            self.last_pause_s = update.pause_s
             self.applied_version = update.version
 
     def _raise_if_failed(self) -> None:
@@ -221,7 +221,7 @@ class WeightReceiver:
                     self._ready = update
                     self._latest_version = header.version
                     self.received += 1
-                    self.recv_s.append(update.recv_s)
+                    self.last_recv_s = update.recv_s
                     self._cond.notify_all()
         except PeerClosed:
             with self._cond:

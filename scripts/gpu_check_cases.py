@@ -402,7 +402,7 @@ def check_transport_single_gpu(device: str) -> dict:
             publisher.close()
         if sender.backend != "nccl":
             raise AssertionError(f"a CUDA DistSender chose {sender.backend}, not nccl")
-        figures["nccl_world1"] = {"updates": len(publisher.history), "bytes": publisher.history[-1].bytes}
+        figures["nccl_world1"] = {"updates": publisher.updates_sent, "bytes": publisher.history[-1].bytes}
     figures["gloo_2proc_cuda_buffers" if _on_cuda(device) else "gloo_2proc"] = _two_process_transfer(
         device, "gloo", device, 512 if _on_cuda(device) else 8)
     return figures

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 from areal.transport import Layout, SenderTransport, UpdateHeader, plan_layout
+
+HISTORY_LEN = 256  # updates whose PublishStats are kept: one per training step would grow for as long as a run lasts
 
 
 @dataclass
@@ -58,7 +61,8 @@ class WeightPublisher:
         self.groups_formed = 0
         self.bucket_bytes = max(int(bucket_mb * (1 << 20)), 1)
         self.device = None if device is None else torch.device(device)  # None: the tensors' own device
-        self.history: list[PublishStats] = []
+        self.history: deque[PublishStats] = deque(maxlen=HISTORY_LEN)  # the latest updates sent, oldest first
+        self.updates_sent = 0
         self.coalesced_total = 0
         self.connect_s: float | None = None  # time to form the group with every receiver
         self._cond = threading.Condition()
@@ -148,7 +152,7 @@ class WeightPublisher:
     def stats(self) -> dict:
         last = self.history[-1] if self.history else None
         return {
-            "weights/updates_sent": len(self.history),
+            "weights/updates_sent": self.updates_sent,
             "weights/coalesced": self.coalesced_total,
             "weights/control_messages": self.transport.control_messages,
             **({} if last is None else {
@@ -261,6 +265,7 @@ class WeightPublisher:
                 return
             with self._cond:
                 self._seq += 1
+                self.updates_sent += 1
                 self.history.append(PublishStats(
                     snap.version, header.seq, snap.layout.total_bytes, len(snap.layout.buckets),
                     snap.snapshot_s, t0 - snap.published_at, t1 - t0, snap.coalesced,

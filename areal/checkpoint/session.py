@@ -113,7 +113,8 @@ class CheckpointSession:
         # (step, wait) -> futures of state to add: tells the other trainer ranks to write their shards
         self.on_save = None
         self._last_save = time.monotonic()
-        self.committed: list[dict] = []
+        # committed checkpoints' totals (folded in as they finish: a list of them would grow all run long)
+        self.committed, self._blocked_s_max, self._persist_s_sum, self._last_bytes = 0, 0.0, 0.0, 0
 
     def _before_update(self) -> None:
         faults.hit("trainer.update")
@@ -165,8 +166,10 @@ class CheckpointSession:
         out: dict = {}
         for r in self.checkpointer.records():
             if r.ok:
-                self.committed.append({"step": r.step, "bytes": r.bytes, "blocked_s": r.blocked_s,
-                                       "snapshot_s": r.snapshot_s, "persist_s": r.persist_s})
+                self.committed += 1
+                self._blocked_s_max = max(self._blocked_s_max, r.blocked_s)
+                self._persist_s_sum += r.persist_s
+                self._last_bytes = r.bytes
             out.update({"ckpt/step": r.step, "ckpt/ok": float(r.ok), "ckpt/bytes": r.bytes,
                         "ckpt/blocked_s": r.blocked_s, "ckpt/snapshot_s": r.snapshot_s, "ckpt/persist_s": r.persist_s})
         out["ckpt/skipped"] = self.checkpointer.skipped
@@ -177,14 +180,13 @@ class CheckpointSession:
         """Totals over the run; waits for the checkpoint in flight, so the last one is counted too."""
         self.checkpointer.wait()
         self.metrics()  # records finished since the last step's row
-        c = self.committed
         return {
-            "checkpoints": len(c),
+            "checkpoints": self.committed,
             "checkpoint_skipped": self.checkpointer.skipped,
             "checkpoint_failures": self.checkpointer.failures,
-            "checkpoint_blocked_s_max": max((r["blocked_s"] for r in c), default=0.0),
-            "checkpoint_persist_s_mean": sum(r["persist_s"] for r in c) / len(c) if c else 0.0,
-            "checkpoint_bytes": c[-1]["bytes"] if c else 0,
+            "checkpoint_blocked_s_max": self._blocked_s_max,
+            "checkpoint_persist_s_mean": self._persist_s_sum / self.committed if self.committed else 0.0,
+            "checkpoint_bytes": self._last_bytes,
         }
 
     def restore_trainer(self, restored: Restored) -> None:
