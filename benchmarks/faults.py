@@ -458,14 +458,14 @@ REWARD_COUNTER = {"hang": "timeout", "raise": "error", "nan": "nan", "huge": "ou
 
 
 def reward(setting, baseline, n, rng) -> Outcome:
-    """Every misbehaviour of fault_reward.py n times, at seeded call counts of one run. Calls are ~128 per
-    step (16 groups x 8) and ~500 for each evaluation: the counts fall after the first evaluation and well
-    before the last one, so every failure is a training sample's, which the workers count."""
+    """Every misbehaviour of fault_reward.py n times, at seeded call counts of one run (calls are ~128 a step,
+    16 groups x 8, and ~500 for each evaluation; the counts fall before the run's last steps). Each must be
+    scored 0 and counted by the rollout workers' pools (the summary's reward_failures, evaluation's too)."""
     out, run_dir = Outcome("reward"), fresh_dir(setting.out, "reward")
     folder = setting.out / "reward.markers"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    calls = sorted(rng.sample(range(600, 500 + 100 * setting.steps), n * len(fault_reward.KINDS)))
+    calls = sorted(rng.sample(range(50, 100 * setting.steps), n * len(fault_reward.KINDS)))
     kinds = [k for k in fault_reward.KINDS for _ in range(n)]
     rng.shuffle(kinds)
     specs = ",".join(f"{k}@{c}" for k, c in zip(kinds, calls))

@@ -252,7 +252,6 @@ class RolloutWorker:
         self.backend, self.reward_pool, self.tokenizer = backend, reward_pool, tokenizer
         self.params, self.base_seed = params, base_seed
         self.streaming = hasattr(backend, "add_request")
-        self.reward_failures: dict[str, int] = {}
         self.receiver = None  # a rollout.weight_receiver.WeightReceiver; serve() applies its updates
 
     @property
@@ -289,8 +288,6 @@ class RolloutWorker:
         scored = self.reward_pool.score(
             [RewardRequest(prompt=prompt.text, completion=t, fields=prompt.fields) for t in texts]
         )
-        for kind, count in scored.failures.items():
-            self.reward_failures[kind] = self.reward_failures.get(kind, 0) + count
         trajs = [
             Trajectory(prompt.token_ids, o.token_ids, o.logprobs, o.versions, reward, o.finish_reason, prompt.text, text)
             for o, text, reward in zip(outputs, texts, scored.rewards)
@@ -474,5 +471,7 @@ class RolloutWorker:
             busy_s, idle_s = (busy_s + spent, idle_s) if not idle or in_flight else (busy_s, idle_s + spent)
             if time.perf_counter() - last_stats > stats_every_s or (stopping and not in_flight and not pending):
                 last_stats = time.perf_counter()
+                # the pool's own counters: evaluation's failures too, as a sync run reports them
                 outbox.put(WorkerStats({**engine.stats(), "pause_s": pause_s, "weight_updates": updates,
-                                        "busy_s": busy_s, "idle_s": idle_s, "reward_failures": dict(self.reward_failures)}))
+                                        "busy_s": busy_s, "idle_s": idle_s,
+                                        "reward_failures": dict(self.reward_pool.total_failures)}))
