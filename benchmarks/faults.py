@@ -251,10 +251,17 @@ def finish(out: Outcome, run_dir: Path, setting: Setting, baseline: Baseline | N
 # ------------------------------------------------------------------------------------------------- faults
 
 
-def fault_free(setting: Setting, seeds: list[int]) -> Baseline:
+def fault_free(setting: Setting, seeds: list[int], reuse: bool = False) -> Baseline:
+    """The fault-free runs (`reuse`: those already finished in setting.out, of the same --steps and --every)."""
     accuracy, wall = [], {}
     for seed in seeds:
-        run_dir = fresh_dir(setting.out, f"fault_free-seed{seed}")
+        run_dir = setting.out / f"fault_free-seed{seed}"
+        wall_file = run_dir.with_name(run_dir.name + ".wall_s")
+        if reuse and wall_file.exists() and (run_dir / "summary.json").exists():
+            accuracy.append(json.loads((run_dir / "summary.json").read_text())["eval_accuracy_final"])
+            wall[seed] = float(wall_file.read_text())
+            continue
+        run_dir = fresh_dir(setting.out, run_dir.name)
         run = Run(setting, run_dir, seed=seed)
         rc = run.wait()
         wall[seed] = run.wall_s
@@ -265,6 +272,7 @@ def fault_free(setting: Setting, seeds: list[int]) -> Baseline:
             raise RuntimeError(f"the fault-free run at seed {seed} fails its own checks: {problems}, lost {lost}, "
                                f"duplicated {duplicated}")
         accuracy.append(json.loads((run_dir / "summary.json").read_text())["eval_accuracy_final"])
+        wall_file.write_text(f"{wall[seed]:.1f}")
     return Baseline(accuracy, wall.get(setting.seed, statistics.mean(wall.values())), setting.margin)
 
 
@@ -550,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="run.seed of the fault runs and the moments' seed")
     parser.add_argument("--baseline-seeds", type=int, default=3, help="fault-free runs (seeds seed, seed+1, ...)")
     parser.add_argument("--margin", type=float, default=0.05, help="accuracy margin beyond the fault-free range")
+    parser.add_argument("--reuse-fault-free", action="store_true",
+                        help="reuse the fault-free runs already finished in --out (same --steps and --every)")
     args = parser.parse_args(argv)
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     unknown = sorted(set(faults) - set(FAULTS))
@@ -559,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setting = Setting(args.steps, args.every, args.seed, args.out.resolve(), args.margin)
     setting.out.mkdir(parents=True, exist_ok=True)
-    baseline = fault_free(setting, [args.seed + i for i in range(args.baseline_seeds)])
+    baseline = fault_free(setting, [args.seed + i for i in range(args.baseline_seeds)], args.reuse_fault_free)
     print(f"fault-free: accuracy {baseline.accuracy}, wall {baseline.wall_s:.1f} s", flush=True)
     outcomes = run_faults(setting, faults, args.injections, baseline)
     print(json.dumps(report(outcomes, baseline)))
