@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,7 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
+@functools.cache  # resolving string annotations is slow, and every key of every recipe asks
 def _resolved_hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -46,6 +48,16 @@ def all_keys(cls, prefix: str = "") -> list[str]:
         else:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def leaf_type(cls, key: str) -> Any:
+    """The annotation of a dotted leaf key, e.g. `str` for `data.prompt_template`; None if there is no such key."""
+    tp: Any = cls
+    for part in key.split("."):
+        if not is_config(tp) or part not in _fields(tp):
+            return None
+        tp = _resolved_hints(tp)[part]
+    return None if is_config(tp) else tp
 
 
 def _nearest(key: str, cls) -> str:
@@ -109,7 +121,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         raise bad
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int past float's range, e.g. 10**400
+                raise bad from None
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
             try:
                 return float(value)
@@ -134,7 +149,7 @@ def _apply(cfg: Any, values: dict[str, Any], prefix: str, source: str, root_cls)
             while isinstance(value, dict) and value:  # name the full dotted key, e.g. trainr.lr
                 sub = next(iter(value))
                 key, value = f"{key}.{sub}", value[sub]
-            raise ConfigError(f"unknown key '{key}' in {source}{_nearest(key, root_cls)}")
+            raise ConfigError(f"unknown key {key!r} in {source}{_nearest(key, root_cls)}")
         tp = hints[name]
         if is_config(tp):
             if not isinstance(value, dict):
@@ -161,11 +176,11 @@ def _dotted_to_nested(key: str, value: Any) -> dict:
 def parse_override(text: str) -> tuple[str, Any]:
     """`trainer.lr=1e-3` -> ("trainer.lr", 0.001); values parse as YAML scalars/lists."""
     if "=" not in text:
-        raise ConfigError(f"expected key=value, got '{text}'")
+        raise ConfigError(f"expected key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"empty key in override '{text}'")
+        raise ConfigError(f"empty key in override {text!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -179,8 +194,9 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"recipe file not found: {p}")
     try:  # OmegaConf: YAML plus ${section.key} interpolation inside a recipe
         data = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
-    except (yaml.YAMLError, OmegaConfBaseException) as e:
-        raise ConfigError(f"recipe {p} could not be read: {e}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, OSError) as e:  # OSError: unreadable, or a bare scalar
+        # YAML's message spans several lines
+        raise ConfigError(f"recipe {p} could not be read: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {p} must be a mapping of sections, got {type(data).__name__}")
     return data
@@ -188,6 +204,9 @@ def load_yaml(path: str | Path) -> dict:
 
 def build(cls, recipe_path: str | None = None, overrides: list[str] = ()) -> Any:
     """Defaults <- recipe YAML <- overrides, checked key by key.
+
+    Override values parse as YAML, except that a text key takes the text as typed when YAML would read
+    something else (`data.prompt_template=Q: {problem}` is a mapping to YAML, `model.path=010` an int).
 
     `recipe_path` is a file, or the bare name of a bundled recipe (`math`, `math.yaml`). The
     defaults' and a bundled recipe's `assets/...` paths name the bundled assets; a user's own
@@ -205,7 +224,9 @@ def build(cls, recipe_path: str | None = None, overrides: list[str] = ()) -> Any
         _apply(cfg, values, "", f"recipe {recipe_path}", cls)
     for text in overrides:
         key, value = parse_override(text)
-        _apply(cfg, _dotted_to_nested(key, value), "", f"override '{text}'", cls)
+        if not isinstance(value, str) and leaf_type(cls, key) is str:
+            value = text.split("=", 1)[1]  # text as typed: 'Q: {problem}' would read as a YAML mapping
+        _apply(cfg, _dotted_to_nested(key, value), "", f"override {text!r}", cls)  # repr: one line, whatever was typed
     validate = getattr(cfg, "validate", None)
     if validate:
         validate()

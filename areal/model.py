@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from areal.hub import HUB_ID, is_hub_name
 from areal.options import option
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -44,25 +42,55 @@ def check_model_path(path: str) -> None:
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"model.path: {p} has no config.json; not a Hugging Face model folder")
         return
-    if not _HUB_ID.match(path):
+    if not HUB_ID.match(path):
         raise FileNotFoundError(f"model.path: model folder not found: {p.resolve()}")
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_weights(path: str) -> None:
+    """A local model folder holds weights transformers can load (checked before any process loads them)."""
+    from areal.config import ConfigError
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise ConfigError(f"model.path: {folder} has no weights ({', '.join(WEIGHT_FILES)})")
+
+
+def _from_pretrained(load, cfg: ModelConfig, **kwargs):
+    """`load(path)`, where what transformers cannot read is one line naming model.path."""
+    from areal.config import ConfigError
+
+    check_model_path(cfg.path)
+    try:
+        return load(cfg.path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except OSError as e:  # a folder without tokenizer files or with a broken config.json; a hub name the hub
+        # and the local cache cannot give (areal/hub.py settles reachability first), a gated repo
+        where = "from the hub or the local cache" if is_hub_name(cfg.path) else "as a Hugging Face model folder"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path: '{cfg.path}' could not be loaded {where}: {first}") from None
 
 
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    check_model_path(cfg.path)
-    tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, cfg)
     if tok.pad_token_id is None:  # many base models ship without one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
 
 
+def load_model_config(cfg: ModelConfig):
+    """The model's config.json (its context length and shapes) without the weights."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig.from_pretrained, cfg)
+
+
 def load_model(cfg: ModelConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    check_model_path(cfg.path)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.path, dtype=resolve_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
-    )
+    model = _from_pretrained(AutoModelForCausalLM.from_pretrained, cfg, dtype=resolve_dtype(cfg.dtype, device))
     return model.to(device)

@@ -40,7 +40,10 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available")
+        from areal.config import ConfigError
+
+        raise ConfigError("run.device: cuda, but no CUDA device is available here (run.device=auto uses one when "
+                          "there is)")
     return torch.device(name)
 
 

@@ -1,9 +1,10 @@
 """What a run needs before its first step, and the factories every process builds its parts with.
 
-`setup()` validates every input (reward spec, model, data, prompt lengths) and chooses the run
-folder; the builders make the rollout backend, the reward pool, the train engine and the
-checkpoint session from a recipe. The sync loop and each role of an async run call these;
-nothing here runs a loop.
+`check_inputs()` validates every input but the weights (hub names, reward function, device, data rows,
+prompt lengths); `setup()` runs it, loads the policy and chooses the run folder; the builders make the
+rollout backend, the reward pool, the train engine and the checkpoint session from a recipe. The sync
+loop and each role of an async run call these (an async run's controller calls `check_inputs()` before
+it starts any role); nothing here runs a loop.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 
 from areal.checkpoint.resume import place_run
 from areal.checkpoint.session import CheckpointSession, Restored, load_checkpoint
-from areal.config import to_dict, to_yaml
-from areal.data import DataError, encode_prompt, load_rows
-from areal.model import load_model, load_tokenizer
+from areal.config import ConfigError, to_dict, to_yaml
+from areal.data import DataError, check_data_path, encode_prompt, load_rows, row_source
+from areal.hub import check_hub_names
+from areal.model import check_model_path, check_model_weights, load_model, load_model_config, load_tokenizer
 from areal.recipe import Recipe
 from areal.rewards import RewardPool, load_reward_fn
 from areal.rollout.types import SamplingParams
@@ -33,14 +35,64 @@ def prepare_prompts(rows, recipe: Recipe, tokenizer, context_len: int | None, sp
         budget = min(budget, context_len - recipe.rollout.max_new_tokens)
     prompts = []
     for i, row in enumerate(rows):
-        text, ids = encode_prompt(row, i, recipe.data, tokenizer)
+        try:
+            text, ids = encode_prompt(row, i, recipe.data, tokenizer)
+        except DataError as e:
+            raise DataError(f"{split} row {i} ({row_source(recipe.data, split, i)}): {e}") from None
         if len(ids) > budget:
             raise DataError(
                 f"{split} row {i}: prompt of {len(ids)} tokens does not fit the context "
-                f"({context_len} positions, {recipe.rollout.max_new_tokens} reserved for the completion): {text[:120]!r}"
+                f"({context_len} positions, {recipe.rollout.max_new_tokens} reserved for the completion): "
+                f"{text[:120]!r} ({row_source(recipe.data, split, i)})"
             )
         prompts.append(Prompt(i, text, ids, reward_fields(row, recipe.data.prompt_key, recipe.data.answer_key)))
     return prompts
+
+
+def check_reward_fn(recipe: Recipe) -> None:
+    """The reward function imports and is callable; else one line naming reward.fn."""
+    try:
+        load_reward_fn(recipe.reward.fn)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"reward.fn: {e}") from None
+    except ValueError as e:  # the loader's errors name the spec and what exists instead
+        raise ConfigError(f"reward.fn: {e}") from None
+
+
+@dataclass
+class Inputs:
+    """A recipe's inputs, each checked: what `check_inputs` returns."""
+
+    tokenizer: object
+    train_prompts: list[Prompt]
+    test_prompts: list[Prompt]
+
+
+def check_inputs(recipe: Recipe) -> Inputs:
+    """Every input but the weights, checked before anything is started, loaded or written: hub names
+    (reachable, or in the local cache: areal/hub.py), the reward function, the device, the model folder,
+    the data files and every row (areal/data.py), each prompt's length against data.max_prompt_tokens and
+    the model's context, the KV pool. Each failure is one ConfigError, DataError or FileNotFoundError
+    naming its key (and file and row)."""
+    data = recipe.data
+    check_hub_names({"model.path": (recipe.model.path, False), "data.train_path": (data.train_path, True),
+                     "data.test_path": (data.test_path, True)})
+    check_reward_fn(recipe)
+    pick_device(recipe.run.device)
+    check_model_path(recipe.model.path)
+    check_model_weights(recipe.model.path)
+    for which in ("train", "test"):
+        check_data_path(getattr(data, f"{which}_path"), f"{which}_path")
+    tokenizer = load_tokenizer(recipe.model)
+    context = getattr(load_model_config(recipe.model), "max_position_embeddings", None)
+    longest = max(recipe.rollout.max_new_tokens, recipe.rollout.eval_max_new_tokens)
+    if context and longest >= context:
+        key = "rollout.max_new_tokens" if recipe.rollout.max_new_tokens == longest else "rollout.eval_max_new_tokens"
+        raise ConfigError(f"{key}: {longest} leaves no room for a prompt in the model's context of {context} positions")
+    train_prompts = prepare_prompts(load_rows(data, "train"), recipe, tokenizer, context, "train")
+    test_prompts = prepare_prompts(load_rows(data, "test"), recipe, tokenizer, context, "test")
+    check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
+    return Inputs(tokenizer, train_prompts, test_prompts)
 
 
 def sampling_params(recipe: Recipe) -> SamplingParams:
@@ -104,20 +156,16 @@ def place(recipe: Recipe, recipe_path: str | None) -> tuple[Path, Path | None]:
 
 def setup(recipe: Recipe, recipe_path: str | None = None, run_dir: Path | None = None,
           checkpoint: Path | None = None) -> Setup:
-    """Validate every input (reward spec, model, data, prompt lengths) before any work is written, load
-    the policy, and place the run (`place`) unless the controller already did (`run_dir`, `checkpoint`)."""
-    load_reward_fn(recipe.reward.fn)
+    """Validate every input (`check_inputs`) before the weights load or anything is written, load the
+    policy, and place the run (`place`) unless the controller already did (`run_dir`, `checkpoint`)."""
+    inputs = check_inputs(recipe)
     seed_everything(recipe.run.seed)
     device = pick_device(recipe.run.device)
-    tokenizer = load_tokenizer(recipe.model)
     policy = load_model(recipe.model, device)
-    context = getattr(policy.config, "max_position_embeddings", None)
-    train_prompts = prepare_prompts(load_rows(recipe.data, "train"), recipe, tokenizer, context, "train")
-    test_prompts = prepare_prompts(load_rows(recipe.data, "test"), recipe, tokenizer, context, "test")
-    check_kv_pool(recipe, max(len(p.token_ids) for p in train_prompts + test_prompts))
     if run_dir is None:
         run_dir, checkpoint = place(recipe, recipe_path)
-    return Setup(recipe, run_dir, device, tokenizer, policy, train_prompts, test_prompts, checkpoint)
+    return Setup(recipe, run_dir, device, inputs.tokenizer, policy, inputs.train_prompts, inputs.test_prompts,
+                 checkpoint)
 
 
 def build_train_engine(recipe: Recipe, policy: torch.nn.Module) -> TrainEngine:

@@ -54,8 +54,13 @@ def train(recipe: Recipe, recipe_path: str | None = None, launcher=None):
     import time
 
     from areal.console import console
+    from areal.setup import check_inputs
 
     start = time.perf_counter()
+    if recipe.run.mode == "async" and recipe.launcher.type != "ray":
+        # here, before any role starts; sync: setup() checks them before the weights load; Ray: trainer0 does,
+        # on its node, with that node's files and network
+        check_inputs(recipe)
     if recipe.run.mode == "sync":
         from areal.sync_loop import train_sync
 

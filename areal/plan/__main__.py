@@ -22,10 +22,11 @@ The last line printed is one JSON object with the numbers.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
-from areal.config import ConfigError, build, parse_override
+from areal.config import ConfigError, build, coerce, parse_override
 
 USAGE = ("usage: python -m areal.plan recipe=PATH|NAME cluster.gpus=N cluster.gpu=h100|h800|a100|h200|here "
          "[cluster.etas=[1,2,4,8]] [key=value ...] | --profile [--out FILE] | --validate")
@@ -47,12 +48,16 @@ def split_cluster_args(argv: list[str]) -> tuple[dict, list[str]]:
             raise ConfigError(f"unknown key '{key}'; the planner's keys are "
                               + ", ".join(f"cluster.{k}" for k in CLUSTER_KEYS))
         tp = CLUSTER_KEYS[name]
-        ok = (isinstance(value, list) and all(isinstance(v, int) and v >= 0 for v in value)) if tp is list else (
-            isinstance(value, (int, float)) and not isinstance(value, bool) if tp in (int, float) else True)
-        if not ok or (tp in (int, float) and value <= 0):
-            raise ConfigError(f"{key}: expected {'a list of integers >= 0' if tp is list else 'a positive ' + tp.__name__}"
-                              f", got {value!r}")
-        cluster[name] = tp(value) if tp in (int, float) else (str(value) if tp is str else value)
+        if tp is list:
+            if not (isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)):
+                raise ConfigError(f"{key}: expected a list of integers >= 0, got {value!r}")
+        elif tp is str:
+            value = value if isinstance(value, str) else arg.split("=", 1)[1]  # as typed, as a recipe's text keys
+        else:
+            value = coerce(value, tp, key)  # "1e30" is a string to YAML 1.1
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key}: expected a positive finite {tp.__name__}, got {value!r}")
+        cluster[name] = value
     return cluster, rest
 
 
