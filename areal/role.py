@@ -85,8 +85,9 @@ def run_role(spec: RoleSpec) -> int:
     parent = os.environ.pop(PARENT_ENV, "")  # the local launcher's controller: never outlive it
     if parent.isdigit():
         die_with_parent(int(parent))
-    if spec.bind_host in ("127.0.0.1", "localhost", "::1"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from areal.transport import loopback_env
+
+    loopback_env(spec.bind_host)  # the groups torch builds from the environment listen on lo too (gloo, NCCL)
     import torch
 
     torch.set_num_threads(max(1, spec.num_threads))

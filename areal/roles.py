@@ -36,11 +36,11 @@ def _trainer_group(spec: RoleSpec, endpoint: Endpoint, world_size: int, device) 
     chosen by the OS) and sends the real address to the other ranks."""
     import torch.distributed as dist
 
-    from areal.transport import gather_member_devices, publish_member_device, weight_group_backend
+    from areal.transport import gather_member_devices, listening_store, publish_member_device, weight_group_backend
 
     timeout = timedelta(seconds=STARTUP_TIMEOUT_S)  # also bounds every collective: a lost rank raises, never hangs
-    if spec.rank == 0:
-        store = dist.TCPStore(spec.bind_host, 0, world_size, is_master=True, wait_for_workers=False, timeout=timeout)
+    if spec.rank == 0:  # the store listens on bind_host only; gloo's listeners where GLOO_SOCKET_IFNAME says
+        store = listening_store(spec.bind_host, 0, timeout, world_size)
         for k in range(1, world_size):
             endpoint.send(f"trainer{k}", TrainerGroup(f"tcp://{spec.bind_host}:{store.port}", world_size))
     else:
@@ -314,7 +314,8 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
                 if worker.receiver is not None:
                     worker.receiver.abandon()
                 worker.receiver = WeightReceiver(DistReceiver(msg.address, msg.rank, msg.world_size - 1, device=device,
-                                                              timeout_s=60.0, connect_timeout_s=recipe.run.role_timeout_s))
+                                                              timeout_s=60.0, connect_timeout_s=recipe.run.role_timeout_s,
+                                                              bind_host=spec.bind_host))
 
         endpoint.send("trainer0", WorkerReady(spec.rank, spec.incarnation))
         try:

@@ -27,14 +27,18 @@ roles sharing a GPU get (one GPU for trainer and rollout, more roles than GPUs, 
 Every group (re-)formation decides anew, so a re-formed group fits its new members.
 
 Every store wait and collective has a timeout (`timeout_s` per transfer, `connect_timeout_s` for
-forming the group), so a dead peer raises instead of hanging. Works across hosts (set
-GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME there; for a loopback address we set GLOO_SOCKET_IFNAME=lo if
-it is unset).
+forming the group), so a dead peer raises instead of hanging. Works across hosts.
+
+Listeners: each member listens on one interface only, the one it is given. The store's socket is bound
+here (`listening_store`) and handed to torch, whose own TCPStore listener binds every interface (`::`)
+whatever host it is given; each member's gloo listener binds its `bind_host` (an explicit gloo device,
+not the hostname torch would resolve). For a loopback address GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
+default to lo, for the groups torch builds itself (the trainer ranks' group) and NCCL's bootstrap.
 
 Control messages in the store (`meta`, each member's device, each header) are JSON, never pickle: a
-TCPStore listens on all interfaces and takes writes from anyone who can reach its port, so unpickling
-an entry would run that writer's code in every receiver. JSON carries only data, and `from_json`
-checks every field, raising ValueError on a malformed entry.
+TCPStore takes writes from anyone who can reach its port, so unpickling an entry would run that writer's
+code in every receiver. JSON carries only data, and `from_json` checks every field, raising ValueError
+on a malformed entry.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import json
 import math
 import os
 import reprlib
+import socket
 import time
 from abc import ABC, abstractmethod
 from collections import deque
@@ -247,10 +252,39 @@ def _parse(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _loopback_env(host: str) -> None:
-    if host in ("127.0.0.1", "localhost", "::1"):
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def loopback_env(host: str) -> None:
+    """For a run on loopback: the groups torch builds from the environment (gloo's default device, NCCL's
+    bootstrap) listen on lo too, unless the user chose otherwise."""
+    if host in LOOPBACK_HOSTS:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def listening_store(host: str, port: int, timeout: timedelta, world_size: int | None = None):
+    """A master TCPStore that listens on `host` only (port 0: one the OS picks; read `.port`).
+
+    torch binds its own listener to every interface whatever host it is given, so the socket is bound here
+    and handed over (`master_listen_fd`; the store owns it from then on, with or without libuv)."""
+    import torch.distributed as dist
+
+    sock = None
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch does: a restart may reuse the port
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+        port = sock.getsockname()[1]
+    except OSError as exc:  # an unknown host, an address not on this machine, a port in use
+        if sock is not None:
+            sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    return dist.TCPStore(host, port, world_size, is_master=True, wait_for_workers=False, timeout=timeout,
+                         master_listen_fd=sock.detach())
 
 
 @dataclass(frozen=True)
@@ -308,12 +342,17 @@ def weight_group_backend(members: Sequence[MemberDevice]) -> str:
     return "gloo"
 
 
-def _make_group(store, rank: int, world_size: int, backend: str, timeout: timedelta):
+def _make_group(store, rank: int, world_size: int, backend: str, timeout: timedelta, bind_host: str | None):
     import torch.distributed as dist
 
     prefix = dist.PrefixStore("pg/", store)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+        if bind_host is None:  # torch's default device: GLOO_SOCKET_IFNAME, else this machine's hostname
+            return dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind_host)]  # its listener binds bind_host
+        return dist.ProcessGroupGloo(prefix, rank, world_size, opts)
     opts = dist.ProcessGroupNCCL.Options()
     opts._timeout = timeout
     return dist.ProcessGroupNCCL(prefix, rank, world_size, opts)
@@ -324,10 +363,10 @@ class _DistEnd:
 
     PIPELINE = 2  # double buffering on the wire: bucket k+1 is issued while bucket k completes
 
-    def _init_common(self, store, rank, world_size, device, timeout_s, connect_timeout_s):
+    def _init_common(self, store, rank, world_size, device, timeout_s, connect_timeout_s, bind_host):
         import torch.distributed as dist
 
-        self._dist, self.store = dist, store
+        self._dist, self.store, self.bind_host = dist, store, bind_host
         self.ctl = dist.PrefixStore("ctl/", store)
         self.rank, self.world_size, self.device = rank, world_size, torch.device(device)
         self.timeout = timedelta(seconds=timeout_s)
@@ -345,7 +384,8 @@ class _DistEnd:
         if self._pg is None:  # rendezvous: every rank must join within the timeout
             self.members = gather_member_devices(self.ctl, self.world_size, self.connect_timeout)
             self.backend = weight_group_backend(self.members)  # every rank decides alike from the same list
-            self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.connect_timeout)
+            self._pg = _make_group(self.store, self.rank, self.world_size, self.backend, self.connect_timeout,
+                                   self.bind_host)
         return self._pg
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
@@ -370,18 +410,17 @@ class _DistEnd:
 
 
 class DistSender(_DistEnd, SenderTransport):
-    """Rank 0. Hosts the TCPStore; pass `.address` and `num_receivers` to every receiver."""
+    """Rank 0. Hosts the TCPStore, listening on `address`'s host only, as does its gloo listener; pass
+    `.address` and `num_receivers` to every receiver."""
 
     def __init__(self, num_receivers: int, address: str = "tcp://127.0.0.1:0", device="cpu", timeout_s: float = 300.0,
                  connect_timeout_s: float | None = None):
-        import torch.distributed as dist
-
         host, port = _parse(address)
-        _loopback_env(host)
-        wait = timedelta(seconds=connect_timeout_s or timeout_s)
-        store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, timeout=wait)
-        self.address = f"tcp://{host}:{store.port}"
-        self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s)
+        loopback_env(host)
+        store = listening_store(host, port, timedelta(seconds=connect_timeout_s or timeout_s))
+        self.address = f"tcp://{f'[{host}]' if ':' in host else host}:{store.port}"
+        wildcard = host in ("", "0.0.0.0", "::")  # gloo would publish it as its address: let torch pick one
+        self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s, None if wildcard else host)
         self.ctl.set("meta", json.dumps({"world_size": self.world_size}).encode())
 
     def start_update(self, header: UpdateHeader) -> None:
@@ -405,16 +444,19 @@ class DistSender(_DistEnd, SenderTransport):
 
 
 class DistReceiver(_DistEnd, ReceiverTransport):
-    """Rank `rank` in 1..num_receivers."""
+    """Rank `rank` in 1..num_receivers. Its gloo listener binds `bind_host` (this member's interface; None: the
+    sender's host when that is loopback, else torch's default device)."""
 
     def __init__(self, address: str, rank: int, num_receivers: int, device="cpu", timeout_s: float = 300.0,
-                 connect_timeout_s: float | None = None):
+                 connect_timeout_s: float | None = None, bind_host: str | None = None):
         import torch.distributed as dist
 
         if not 1 <= rank <= num_receivers:
             raise ValueError(f"receiver rank must be in 1..{num_receivers}, got {rank}")
         host, port = _parse(address)
-        _loopback_env(host)
+        loopback_env(host)
+        if bind_host is None and host in LOOPBACK_HOSTS:
+            bind_host = host
         store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=connect_timeout_s or timeout_s))
         self.address = address
         meta = _load_json(dist.PrefixStore("ctl/", store).get("meta"), "meta")
@@ -422,7 +464,7 @@ class DistReceiver(_DistEnd, ReceiverTransport):
         if world_size != num_receivers + 1:
             raise ValueError(f"receiver (world {num_receivers + 1}) does not match sender (world "
                              f"{reprlib.repr(world_size)})")
-        self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s)
+        self._init_common(store, rank, num_receivers + 1, device, timeout_s, connect_timeout_s, bind_host)
         self._next_seq = 0
 
     def recv_start(self, timeout_s: float) -> UpdateHeader | None:

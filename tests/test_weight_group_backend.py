@@ -60,9 +60,9 @@ def record_backend(monkeypatch):
     """Every group is built as gloo (no NCCL here); returns the backends the ends asked for."""
     asked, real = [], transport._make_group
 
-    def make_group(store, rank, world_size, backend, timeout):
+    def make_group(store, rank, world_size, backend, timeout, bind_host):
         asked.append(backend)
-        return real(store, rank, world_size, "gloo", timeout)
+        return real(store, rank, world_size, "gloo", timeout, bind_host)
 
     monkeypatch.setattr(transport, "_make_group", make_group)
     return asked

@@ -68,8 +68,9 @@ def _candidate(run_dir: Path, config: dict) -> tuple[Path | None, str]:
     found, skipped = store.find_latest(run_dir / "ckpt")
     for path, reason in skipped:
         log.warning("checkpoint %s skipped: %s", path, reason)
-    if found is None:
-        return None, "no complete checkpoint"
+    if found is None:  # each refused one named with its reason (e.g. a file holding a pickle), on one line
+        refused = "; ".join(f"{path.name}: {' '.join(reason.split())}" for path, reason in skipped)
+        return None, "no complete checkpoint" + (f" ({refused})" if refused else "")
     saved = json.loads((found / store.STATE).read_text()).get("config", {})  # verified by find_latest
     bad = changed_keys(saved, config)
     if bad:
@@ -92,8 +93,9 @@ def place_run(config: dict, run_dir_key: str, recipe_path: str | None, mode: str
                 return RunPlace(explicit, found)
             if why.startswith("recipe differs"):
                 raise ConfigError(f"cannot resume {explicit}: {why}; use another run.run_dir or checkpoint.resume=never")
-            if mode == "must":
-                raise ConfigError(f"checkpoint.resume=must: no complete checkpoint in {explicit / 'ckpt'}")
+            if mode == "must":  # `why` names every checkpoint refused, and why
+                refused = why.removeprefix("no complete checkpoint")
+                raise ConfigError(f"checkpoint.resume=must: no complete checkpoint in {explicit / 'ckpt'}{refused}")
             _clear_unfinished(explicit)  # killed before its first checkpoint: nothing to keep but a false start
             return RunPlace(explicit, None)
         if mode == "must":
