@@ -192,6 +192,17 @@ def throughput(rows: list[dict], after_step: int, fraction: float) -> dict:
     return out
 
 
+def misses(figures: dict) -> dict[str, list[str]]:
+    """The roles behind each missed per-process target (a Go runtime such as wandb-core's adds an OS thread
+    when a syscall blocks and never ends it: that is its growth, not areal's)."""
+    grown = {"rss": [k for k, r in figures["roles"].items() if (r.get("rss_growth_pct") or 0) >= RSS_GROWTH_LIMIT_PCT]}
+    for field in COUNTS:
+        grown[field] = [k for k, r in figures["roles"].items()
+                        if r[f"{field}_first"] is not None and r[f"{field}_last"] is not None
+                        and r[f"{field}_last"] > r[f"{field}_first"]]
+    return {k: v for k, v in grown.items() if v}
+
+
 def verdicts(figures: dict, rate: dict, clean_stop: bool) -> dict[str, bool]:
     roles, total = figures["roles"], figures["total"]
     both = [r for r in roles.values() if r["rss_mb_first"] is not None and r["rss_mb_last"] is not None]
@@ -482,7 +493,10 @@ def main(argv=None) -> int:
         result.update(figures)
         result["throughput"] = rate
         result["targets"] = verdicts(figures, rate, clean_stop)
+        result["missed_by"] = misses(figures)
         print_table(figures, rate, result["targets"], log)
+        if result["missed_by"]:
+            log("grew: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in result["missed_by"].items()))
         log(f"stop: exit code {code} ({'pre-empted, checkpoint ' + checkpoint if code == PREEMPTED_EXIT_CODE else 'not 75'})"
             f" in {stopped_s:.1f} s; processes left behind: {len(leftover)}")
     else:

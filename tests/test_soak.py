@@ -49,6 +49,8 @@ def test_short_soak_reports_every_process_and_stops_the_run_cleanly(tmp_path):
     assert isinstance(rate["change_pct"], float)
 
     assert set(result["targets"]) == TARGETS and all(isinstance(v, bool) for v in result["targets"].values())
+    assert set(result["missed_by"]) <= {"rss", "fds", "threads", "shm"}
+    assert all(set(roles) <= set(result["roles"]) for roles in result["missed_by"].values())
     assert result["ok"] == all(result["targets"].values()) and proc.returncode == (0 if result["ok"] else 1)
     assert "verdicts:" in proc.stdout and "trainer0" in proc.stdout
 
