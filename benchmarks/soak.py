@@ -32,9 +32,11 @@ metrics.jsonl over the same windows of the run's own clock (`time/wall_s`).
 Targets (each a boolean in the JSON):
   rss          RSS of every process and of the whole tree grows < 10%
   fds          no process holds more descriptors at the end than at the start
-  threads      no process has more threads
+  threads      no process has more threads (wandb-core, a Go runtime, is shown but not judged: NOT_JUDGED)
   shm          no process maps more /dev/shm segments, and /dev/shm and SysV hold no more entries
   throughput   steps/s at the end is no more than 10% below the start (faster is not a failure)
+  throughput_per_cpu_s  the same for steps per CPU second of the whole tree, which other jobs on a shared
+               machine do not move (they do move steps/s)
   clean_stop   the run exited 75 with its checkpoint committed, and no process of its tree outlived it
 The last line of stdout is one JSON object with the figures; exit code 0 when every target is met,
 1 when one is missed or the run failed, 2 for bad arguments. Local launcher only: Ray actors and
@@ -61,6 +63,13 @@ PREEMPTED_EXIT_CODE = 75  # areal.checkpoint.session.PREEMPTED_EXIT_CODE (not im
 RSS_GROWTH_LIMIT_PCT = 10.0
 THROUGHPUT_DROP_LIMIT_PCT = 10.0
 COUNTS = ("fds", "threads", "shm")
+# Third-party helpers a run starts, shown in the table but not judged: wandb-core is a Go runtime, which
+# adds an OS thread whenever a syscall blocks and never ends it; that is its growth, not areal's.
+NOT_JUDGED = ("wandb-core",)
+
+
+def judged(role: str) -> bool:
+    return role.rsplit("/", 1)[-1] not in NOT_JUDGED
 
 
 # ------------------------------------------------------------------ roles (pure)
@@ -162,7 +171,25 @@ def process_figures(samples: list[dict], fraction: float) -> dict:
         [(s["t"], sum(p["rss_mb"] for p in s["procs"].values())) for s in samples if s["t"] >= half])
     machine = {f"{k}_{end}": min(s[k] for s in w)
                for k in ("dev_shm", "sysv_shm") for end, w in (("first", first), ("last", last))}
-    return {"roles": roles, "total": total, **machine}
+    return {"roles": roles, "total": total, "cpu": cpu_throughput(first, last), **machine}
+
+
+def cpu_throughput(first: list[dict], last: list[dict]) -> dict:
+    """Steps per CPU second of the whole tree over each window: unlike steps per wall second, what other
+    jobs on a shared machine take does not move it, while areal doing more work per step does."""
+    def rate(window: list[dict]) -> float | None:
+        a, b = window[0], window[-1]
+        if a["step"] is None or b["step"] is None:
+            return None
+        shared = set(a["procs"]) & set(b["procs"])  # a role restarted in between has a new CPU clock
+        cpu = sum(b["procs"][r].get("cpu_s", 0.0) - a["procs"][r].get("cpu_s", 0.0) for r in shared
+                  if b["procs"][r]["pid"] == a["procs"][r]["pid"])
+        return (b["step"] - a["step"]) / cpu if cpu > 0 else None
+
+    out = {"steps_per_cpu_s_first": rate(first), "steps_per_cpu_s_last": rate(last), "change_pct": None}
+    if out["steps_per_cpu_s_first"] and out["steps_per_cpu_s_last"] is not None:
+        out["change_pct"] = growth_pct(out["steps_per_cpu_s_first"], out["steps_per_cpu_s_last"])
+    return out
 
 
 def window_rate(rows: list[dict]) -> tuple[float | None, float | None]:
@@ -195,9 +222,10 @@ def throughput(rows: list[dict], after_step: int, fraction: float) -> dict:
 def misses(figures: dict) -> dict[str, list[str]]:
     """The roles behind each missed per-process target (a Go runtime such as wandb-core's adds an OS thread
     when a syscall blocks and never ends it: that is its growth, not areal's)."""
-    grown = {"rss": [k for k, r in figures["roles"].items() if (r.get("rss_growth_pct") or 0) >= RSS_GROWTH_LIMIT_PCT]}
+    roles = {k: r for k, r in figures["roles"].items() if judged(k)}
+    grown = {"rss": [k for k, r in roles.items() if (r.get("rss_growth_pct") or 0) >= RSS_GROWTH_LIMIT_PCT]}
     for field in COUNTS:
-        grown[field] = [k for k, r in figures["roles"].items()
+        grown[field] = [k for k, r in roles.items()
                         if r[f"{field}_first"] is not None and r[f"{field}_last"] is not None
                         and r[f"{field}_last"] > r[f"{field}_first"]]
     return {k: v for k, v in grown.items() if v}
@@ -205,7 +233,7 @@ def misses(figures: dict) -> dict[str, list[str]]:
 
 def verdicts(figures: dict, rate: dict, clean_stop: bool) -> dict[str, bool]:
     roles, total = figures["roles"], figures["total"]
-    both = [r for r in roles.values() if r["rss_mb_first"] is not None and r["rss_mb_last"] is not None]
+    both = [r for k, r in roles.items() if judged(k) and r["rss_mb_first"] is not None and r["rss_mb_last"] is not None]
 
     def no_growth(field: str) -> bool:
         return all(r[f"{field}_last"] <= r[f"{field}_first"] for r in both)
@@ -218,6 +246,8 @@ def verdicts(figures: dict, rate: dict, clean_stop: bool) -> dict[str, bool]:
         "shm": no_growth("shm") and figures["dev_shm_last"] <= figures["dev_shm_first"]
                and figures["sysv_shm_last"] <= figures["sysv_shm_first"],
         "throughput": rate["change_pct"] is not None and rate["change_pct"] > -THROUGHPUT_DROP_LIMIT_PCT,
+        "throughput_per_cpu_s": (figures["cpu"]["change_pct"] is not None
+                                 and figures["cpu"]["change_pct"] > -THROUGHPUT_DROP_LIMIT_PCT),
         "clean_stop": clean_stop,
     }
 
@@ -266,7 +296,8 @@ def take_sample(root: psutil.Process, t: float, step: int | None) -> dict:
             with p.oneshot():
                 infos[p.pid] = ProcInfo(p.pid, p.ppid(), p.cmdline(), p.create_time())
                 stats[p.pid] = {"pid": p.pid, "rss_mb": p.memory_info().rss / 2**20, "fds": p.num_fds(),
-                                "threads": p.num_threads(), "shm": len(shm_files(p.pid))}
+                                "threads": p.num_threads(), "shm": len(shm_files(p.pid)),
+                                "cpu_s": sum(p.cpu_times()[:2])}
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue  # it ended between the listing and the reading
     procs = {key: stats[pid] for pid, key in role_keys(infos, root.pid).items() if pid in stats}
@@ -336,6 +367,9 @@ def print_table(figures: dict, rate: dict, targets: dict[str, bool], log) -> Non
     log(f"steps/s {fmt(rate['steps_per_s_first'], '.3f')} -> {fmt(rate['steps_per_s_last'], '.3f')} "
         f"({fmt(rate['change_pct'], '+.1f')}%), trained tokens/s {fmt(rate['tokens_per_s_first'], '.0f')} -> "
         f"{fmt(rate['tokens_per_s_last'], '.0f')}")
+    cpu = figures["cpu"]
+    log(f"steps per CPU second of the tree {fmt(cpu['steps_per_cpu_s_first'], '.3f')} -> "
+        f"{fmt(cpu['steps_per_cpu_s_last'], '.3f')} ({fmt(cpu['change_pct'], '+.1f')}%); not judged: {', '.join(NOT_JUDGED)}")
     log("verdicts: " + ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in targets.items()))
 
 
@@ -501,7 +535,8 @@ def main(argv=None) -> int:
             f" in {stopped_s:.1f} s; processes left behind: {len(leftover)}")
     else:
         print(f"error: {error}", file=sys.stderr)
-        result["targets"] = {k: False for k in ("rss", "fds", "threads", "shm", "throughput", "clean_stop")}
+        result["targets"] = {k: False for k in ("rss", "fds", "threads", "shm", "throughput",
+                                                   "throughput_per_cpu_s", "clean_stop")}
     result["ok"] = all(result["targets"].values())
     (out / "result.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)

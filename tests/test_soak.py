@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOAK = ROOT / "benchmarks" / "soak.py"
-TARGETS = {"rss", "fds", "threads", "shm", "throughput", "clean_stop"}
+TARGETS = {"rss", "fds", "threads", "shm", "throughput", "throughput_per_cpu_s", "clean_stop"}
 ROLES = {"controller", "trainer0", "rollout0", "rollout1", "rollout0/reward0", "rollout1/reward0"}
 
 
@@ -47,6 +47,8 @@ def test_short_soak_reports_every_process_and_stops_the_run_cleanly(tmp_path):
     for key in ("steps_per_s_first", "steps_per_s_last", "tokens_per_s_first", "tokens_per_s_last"):
         assert rate[key] > 0, rate
     assert isinstance(rate["change_pct"], float)
+    cpu = result["cpu"]  # steps per CPU second of the whole tree, over the same windows
+    assert cpu["steps_per_cpu_s_first"] > 0 and cpu["steps_per_cpu_s_last"] > 0, cpu
 
     assert set(result["targets"]) == TARGETS and all(isinstance(v, bool) for v in result["targets"].values())
     assert set(result["missed_by"]) <= {"rss", "fds", "threads", "shm"}
