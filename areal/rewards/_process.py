@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import mmap
 import os
 import socket
@@ -15,13 +16,15 @@ from multiprocessing.connection import Connection
 
 from areal.rewards._sandbox import kill_tree
 from areal.rewards._worker import BOOTSTRAP, PROGRESS
+from areal.rewards.protocol import Limits, Start, pack
 
 
 class WorkerProcess:
     """One worker process, its pipe end and the items it has been sent but not answered."""
 
-    def __init__(self, spawner: concurrent.futures.Executor, spec: str, limits: dict, env: dict[str, str]):
-        """`limits`: the worker's resource limits (see worker_main); `env`: its environment, already scrubbed."""
+    def __init__(self, spawner: concurrent.futures.Executor, spec: str, limits: Limits, env: dict[str, str]):
+        """`limits`: the worker's resource limits per call; `env`: its environment, already scrubbed."""
+        import_path = [entry for entry in sys.path if isinstance(entry, str)]  # what imports use of it
         parent_sock, child_sock = socket.socketpair()
         self.conn = Connection(parent_sock.detach())
         child_fd = child_sock.detach()
@@ -34,7 +37,7 @@ class WorkerProcess:
                 # when the thread that forked it exits, so that thread must live as long as the pool.
                 self.proc = spawner.submit(
                     subprocess.Popen,
-                    [sys.executable, "-c", BOOTSTRAP, str(child_fd), str(progress_fd)],
+                    [sys.executable, "-c", BOOTSTRAP, str(child_fd), str(progress_fd), json.dumps(import_path)],
                     pass_fds=(child_fd, progress_fd),
                     stdin=subprocess.DEVNULL,
                     env=env,
@@ -43,13 +46,13 @@ class WorkerProcess:
             finally:
                 os.close(child_fd)  # only the child holds its end now, so its death reads as EOF here
         try:
-            self.conn.send((spec, list(sys.path), os.getpid(), limits))
+            self.conn.send_bytes(pack(Start(spec, os.getpid(), limits)))
         except OSError:  # died at once: the pool sees EOF and counts a failed start
             pass
         self.started_at = time.monotonic()
         self.ready = False
         self.scorer_pid: int | None = None  # the process below this one that runs the calls ("ready" says)
-        self.pending: deque[tuple[int, bytes]] = deque()  # (index, pickled sample), in send order
+        self.pending: deque[tuple[int, bytes]] = deque()  # (index, packed Item), in send order
         self.pending_bytes = 0
         self.reported = 0  # results received so far: pending[0] is item number reported + 1
         self.tainted = False  # it reported hitting a limit (memory, cpu, processes): replace it

@@ -5,11 +5,12 @@ return garbage, or kill its own process. The parent enforces every deadline itse
 a stuck worker (terminate, then kill), starts a replacement and scores the sample 0.0; the
 other samples carry on in the other workers. Training never stops for a bad reward.
 
-Dispatch: one duplex pipe per worker; items are sent in batches (pipelined, so a worker
-never waits for the parent between items) and results come back in batches too. Which
-item a worker is on, and since when, the parent reads from a small shared-memory record
-the worker updates around each call (see _worker.py), so batching costs no precision in
-enforcing deadlines or in blaming the right sample.
+Dispatch: one duplex pipe per worker, carrying typed msgpack messages (protocol.py, never
+pickle); items are sent in batches (pipelined, so a worker never waits for the parent
+between items) and results come back in batches too. Which item a worker is on, and since
+when, the parent reads from a small shared-memory record the worker updates around each
+call (see _worker.py), so batching costs no precision in enforcing deadlines or in blaming
+the right sample.
 
 Workers are fresh interpreters (`python -c BOOTSTRAP`, i.e. spawn semantics: no inherited
 threads or locks from torch) rather than multiprocessing.Process: multiprocessing's spawn
@@ -32,10 +33,8 @@ import concurrent.futures
 import logging
 import math
 import os
-import pickle
 import threading
 import time
-import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,11 +45,14 @@ from areal.rewards import _sandbox as sandbox
 from areal.rewards._process import WorkerProcess as _Worker
 from areal.rewards.config import RewardConfig
 from areal.rewards.loader import load_reward_fn, resolve_spec
+from areal.rewards.protocol import (Item, Limits, LoadError, ProtocolError, Ready, Results, UnsendableSample,
+                                    pack_batch, pack_item, unpack)
 from areal.role import SECRET_ENV
 
 logger = logging.getLogger("areal.rewards")
 
 FAILURE_KINDS = ("error", "timeout", "nan", "non_number", "out_of_range", "memory", "cpu", "processes")
+_RESULT_KINDS = frozenset(("ok", *FAILURE_KINDS)) - {"timeout"}  # what a worker reports ("timeout" is the pool's)
 
 # Items in flight per worker: enough that a worker never idles waiting for the parent, few
 # enough that slow items do not pile up behind one worker. Adapted to the measured time per
@@ -148,8 +150,7 @@ class RewardPool:
         self.timeout_s = float(timeout_s)
         self.max_logged_failures = max_logged_failures
         self.total_failures = {kind: 0 for kind in FAILURE_KINDS}
-        self.limits = {"cpu_seconds": float(cpu_seconds), "memory_mb": int(memory_mb),
-                       "max_processes": int(max_processes)}  # what each worker applies (worker_main)
+        self.limits = Limits(float(cpu_seconds), int(memory_mb), int(max_processes))  # each worker applies them
         self.env_allow = tuple(env_allow)
         # Read from /proc while a call runs: the reward's processes, and CPU time past a limit
         # whose signal the worker could not act on (see _sandbox.py).
@@ -271,13 +272,13 @@ class _ScoringRun:
         self.failures = {kind: 0 for kind in FAILURE_KINDS}
         self.remaining = len(requests)
         self.failed: list[tuple[int, str, str]] = []  # (request index, kind, detail), logged at the end
-        self.queue: deque[tuple[int, bytes]] = deque()
+        self.queue: deque[tuple[int, bytes]] = deque()  # (index, packed Item)
         for index, request in enumerate(requests):
             try:
-                sample = (request.prompt, request.completion, dict(request.fields))
-                self.queue.append((index, pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)))
-            except Exception:
-                self._fail(index, "error", "sample cannot be sent to a worker:\n" + traceback.format_exc())
+                item = Item(index, request.prompt, request.completion, dict(request.fields))
+                self.queue.append((index, pack_item(item)))
+            except UnsendableSample as exc:
+                self._fail(index, "error", str(exc))
 
     def run(self) -> RewardResult:
         try:
@@ -355,7 +356,7 @@ class _ScoringRun:
             if not batch:
                 continue
             try:
-                worker.conn.send(batch)
+                worker.conn.send_bytes(pack_batch([blob for _, blob in batch]))
             except OSError:  # died while idle: nothing of this batch ran, so retry elsewhere
                 self.queue.extendleft(reversed(batch))
                 self._worker_died(worker)
@@ -367,8 +368,7 @@ class _ScoringRun:
         """Read every message waiting on a worker's pipe."""
         try:
             while True:
-                message = worker.conn.recv()
-                self._on_message(worker, message)
+                self._on_message(worker, _receive(worker))
                 if worker.tainted and worker in self.pool._workers:
                     # It hit a limit, reported it and scores nothing more: replace it.
                     self._kill_and_settle(worker, None, "", "")
@@ -377,22 +377,31 @@ class _ScoringRun:
                     return
         except (EOFError, OSError):
             self._worker_died(worker)
+        except ProtocolError as exc:
+            self._garbled(worker, exc)
 
-    def _on_message(self, worker: _Worker, message: tuple | list) -> None:
-        if isinstance(message, tuple) and message[0] == "ready":
+    def _on_message(self, worker: _Worker, message: Ready | LoadError | Results) -> None:
+        if worker.ready and not isinstance(message, Results):
+            raise ProtocolError(f"got {type(message).__name__} from a worker that was ready")
+        if isinstance(message, Ready):
             worker.ready = True
-            worker.scorer_pid = message[1]
+            worker.scorer_pid = message.pid
             self.pool._startup_failures = 0
             return
-        if isinstance(message, tuple) and message[0] == "load_error":
-            self.pool._startup_failed(worker, "the reward fn failed to load:\n" + message[1])
+        if isinstance(message, LoadError):
+            self.pool._startup_failed(worker, "the reward fn failed to load:\n" + message.detail)
             return
-        for index, kind, reward, detail, seconds in message:
-            head_index, blob = worker.pending.popleft()
-            assert head_index == index, f"reward worker answered {index}, expected {head_index}"
+        for result in message.results:
+            index, kind, reward, detail = result.index, result.kind, result.reward, result.detail
+            if not worker.pending or worker.pending[0][0] != index:
+                expected = worker.pending[0][0] if worker.pending else "nothing"
+                raise ProtocolError(f"answered sample {index}, expected {expected}")
+            if kind not in _RESULT_KINDS:
+                raise ProtocolError(f"answered sample {index} with kind {kind!r:.40}")
+            _, blob = worker.pending.popleft()
             worker.pending_bytes -= len(blob)
             worker.reported += 1
-            self.pool._item_seconds = 0.9 * self.pool._item_seconds + 0.1 * seconds
+            self.pool._item_seconds = 0.9 * self.pool._item_seconds + 0.1 * result.seconds
             if kind == "ok":
                 self.rewards[index] = reward
                 self.remaining -= 1
@@ -464,19 +473,19 @@ class _ScoringRun:
         """(kind, detail) when the worker's current call has too many processes alive or has used
         CPU time well past its limit (so the worker could not stop it itself)."""
         limits = self.pool.limits
-        if limits["max_processes"]:
+        if limits.max_processes:
             count = sandbox.count_reward_processes(worker.pid)
-            if count > limits["max_processes"]:
+            if count > limits.max_processes:
                 return "processes", (
-                    f"{count} processes alive during the call, more than {limits['max_processes']} "
+                    f"{count} processes alive during the call, more than {limits.max_processes} "
                     "(reward.max_processes); the worker and every process it started were killed and replaced"
                 )
-        if limits["cpu_seconds"]:
+        if limits.cpu_seconds:
             used = sandbox.cpu_seconds_used(worker.scorer_pid)
-            kill_at = sandbox.cpu_soft_limit(cpu_start, limits["cpu_seconds"]) + sandbox.CPU_GRACE_S
+            kill_at = sandbox.cpu_soft_limit(cpu_start, limits.cpu_seconds) + sandbox.CPU_GRACE_S
             if used is not None and used > kill_at:
                 return "cpu", (
-                    f"{used - cpu_start:.1f} s of CPU time, more than {limits['cpu_seconds']:g} (reward.cpu_seconds), "
+                    f"{used - cpu_start:.1f} s of CPU time, more than {limits.cpu_seconds:g} (reward.cpu_seconds), "
                     "in code that never let the limit's signal through (C code holding the GIL?); "
                     "the worker was killed and replaced"
                 )
@@ -487,7 +496,27 @@ class _ScoringRun:
         worker.kill()
         try:  # results sent before the kill are still in the pipe: keep them
             while worker.conn.poll():
-                self._on_message(worker, worker.conn.recv())
-        except (EOFError, OSError):
+                self._on_message(worker, _receive(worker))
+        except (EOFError, OSError, ProtocolError):
             pass
         self._settle_lost_worker(worker, blamed, kind, detail)
+
+    def _garbled(self, worker: _Worker, exc: ProtocolError) -> None:
+        """The worker sent what is not a message it may send (reward code writing into its pipe?):
+        neither it nor anything more in its pipe can be trusted. Kill it and charge its oldest
+        unanswered item: the call that wrote is that one or a later one, and as one item is charged
+        per such message, a reward that always does it cannot keep a score() call going forever."""
+        worker.kill()
+        why = f"the reward worker sent a malformed message ({exc})"
+        if not worker.ready:
+            self.pool._startup_failed(worker, why)
+            return
+        if worker.pending:
+            index, _ = worker.pending.popleft()
+            self._fail(index, "error", f"{why} during or after this sample's call; it was killed and replaced")
+        self._settle_lost_worker(worker, None, "", "")
+
+
+def _receive(worker: _Worker) -> Ready | LoadError | Results:
+    """The next message from a worker's pipe (raises EOFError or OSError once it closed, ProtocolError)."""
+    return unpack(worker.conn.recv_bytes(), Ready, LoadError, Results)
