@@ -465,6 +465,14 @@ def ckpt_eio(setting, baseline, n, rng) -> Outcome:
 REWARD_COUNTER = {"hang": "timeout", "raise": "error", "nan": "nan", "huge": "out_of_range", "exit": "error"}
 
 
+def spaced_calls(count: int, first: int, last: int, rng) -> list[int]:
+    """`count` seeded call numbers in [first, last), evenly spaced with jitter: no two misbehaviours share a
+    worker's batch in flight. (A hang or os._exit kills its worker; a NaN scored in the same batch but not yet
+    sent back would be lost with it and its sample scored again, cleanly, so the NaN would go uncounted.)"""
+    gap = (last - first) // count
+    return [first + i * gap + rng.randrange(gap // 4, 3 * gap // 4 + 1) for i in range(count)]
+
+
 def reward(setting, baseline, n, rng) -> Outcome:
     """Every misbehaviour of fault_reward.py n times, at seeded call counts of one run (calls are ~128 a step,
     16 groups x 8, and ~500 for each evaluation; the counts fall before the run's last steps). Each must be
@@ -473,7 +481,7 @@ def reward(setting, baseline, n, rng) -> Outcome:
     folder = setting.out / "reward.markers"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    calls = sorted(rng.sample(range(50, 100 * setting.steps), n * len(fault_reward.KINDS)))
+    calls = spaced_calls(n * len(fault_reward.KINDS), 50, 100 * setting.steps, rng)
     kinds = [k for k in fault_reward.KINDS for _ in range(n)]
     rng.shuffle(kinds)
     specs = ",".join(f"{k}@{c}" for k, c in zip(kinds, calls))
