@@ -16,14 +16,7 @@ from areal.channel import CONTROLLER, Endpoint, Hub, _mac, new_secret
 from areal.messages import GroupDone, Hello, PromptBatch, RoleError, Stop
 from areal.rollout.worker import Prompt
 from areal.trajectory import Group, Trajectory
-
-
-def _recv_type(ep, cls, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = ep.recv(timeout=max(deadline - time.monotonic(), 0.01))
-        if isinstance(got.msg, cls):
-            return got
+from channel_helpers import recv_type
 
 
 @pytest.fixture
@@ -43,7 +36,7 @@ def test_typed_messages_round_trip_between_roles(hub):
     h, secret = hub
     a, b = Endpoint("trainer0", h.address, secret), Endpoint("rollout0", h.address, secret)
     try:
-        assert {_recv_type(h, Hello).src, _recv_type(h, Hello).src} == {"trainer0", "rollout0"}
+        assert {recv_type(h, Hello).src, recv_type(h, Hello).src} == {"trainer0", "rollout0"}
         batch = PromptBatch(3, [7, 8], [Prompt(0, "1+1=", [1, 2], {"answer": "2"}), Prompt(5, "2+2=", [3], {"answer": "4"})])
         a.send("rollout0", batch)
         got = b.recv(timeout=10)
@@ -53,7 +46,7 @@ def test_typed_messages_round_trip_between_roles(hub):
         got = a.recv(timeout=10)
         assert got.src == "rollout0" and got.msg.group == group
         b.send(CONTROLLER, RoleError("rollout0", "ValueError", "boom", "tb"))
-        assert _recv_type(h, RoleError).msg.message == "boom"
+        assert recv_type(h, RoleError).msg.message == "boom"
     finally:
         a.close()
         b.close()
@@ -63,7 +56,7 @@ def test_messages_to_a_role_not_yet_connected_are_held_until_it_says_hello(hub):
     h, secret = hub
     a = Endpoint("trainer0", h.address, secret)
     try:
-        _recv_type(h, Hello)
+        recv_type(h, Hello)
         a.send("rollout1", Stop("early"))
         time.sleep(0.3)
         late = Endpoint("rollout1", h.address, secret)
@@ -92,7 +85,7 @@ def test_a_stranger_without_the_secret_is_dropped_and_counted(hub):
     raw.setsockopt(zmq.IDENTITY, b"intruder")
     raw.connect(h.address)
     try:
-        _recv_type(h, Hello)  # trainer0's
+        recv_type(h, Hello)  # trainer0's
         stranger_ep.send("trainer0", Stop("from a stranger"))
         body = msgpack.packb({"reason": "forged"})
         # a forged source name with a mac under a guessed key, and garbage frames
@@ -115,8 +108,8 @@ def test_a_valid_mac_with_another_roles_name_is_refused(hub):
     thief = Endpoint("rollout0", h.address, secret)
     victim = Endpoint("trainer0", h.address, secret)
     try:
-        _recv_type(h, Hello)
-        _recv_type(h, Hello)
+        recv_type(h, Hello)
+        recv_type(h, Hello)
         before = h.rejected
         thief.name = "rollout9"  # claims to be somebody else over its own connection
         thief.send("trainer0", Stop("spoofed"))
@@ -143,9 +136,9 @@ def test_a_role_in_another_process_talks_through_the_hub(hub):
     """)
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
-        _recv_type(h, Hello, timeout=60)
+        recv_type(h, Hello, timeout=60)
         h.send("rollout0", Stop("ping"))
-        assert _recv_type(h, Stop, timeout=30).msg.reason == "echo:ping"
+        assert recv_type(h, Stop, timeout=30).msg.reason == "echo:ping"
         assert h.silent_for("rollout0") is not None
     finally:
         proc.wait(30)

@@ -39,6 +39,7 @@ from areal.channel import CONTROLLER, Endpoint, Hub, _mac, new_secret
 from areal.checkpoint import store as ckpt_store
 from areal.messages import Hello, RoleError
 from areal.transport import gather_member_devices
+from channel_helpers import recv_type
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
@@ -353,14 +354,6 @@ def test_a_pickle_planted_in_a_checkpoint_is_refused_on_resume_and_never_unpickl
 
 
 # ------------------------------------------------------------------ pickles over the network
-def _recv_type(ep, cls, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = ep.recv(timeout=max(deadline - time.monotonic(), 0.01))
-        if isinstance(got.msg, cls):
-            return got
-
-
 def _wait_rejected(counter, n: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while counter.rejected < n and time.monotonic() < deadline:
@@ -380,8 +373,8 @@ def test_an_authenticated_peer_sending_pickles_is_refused_and_nothing_is_unpickl
     victim = Endpoint("trainer0", hub.address, secret)
     peer = Endpoint("rollout0", hub.address, secret)
     try:
-        _recv_type(hub, Hello)
-        _recv_type(hub, Hello)
+        recv_type(hub, Hello)
+        recv_type(hub, Hello)
         key = bytes.fromhex(secret)
 
         def send(dest: str, type_name: bytes, body: bytes) -> None:
@@ -397,7 +390,7 @@ def test_an_authenticated_peer_sending_pickles_is_refused_and_nothing_is_unpickl
         assert hub.rejected == 3 and victim.rejected == 3  # the hub forwarded the ones addressed to trainer0
         in_field = msgpack.packb({"role": "rollout0", "kind": "X", "message": "m", "traceback": blob})
         send("trainer0", b"RoleError", in_field)
-        got = _recv_type(victim, RoleError)
+        got = recv_type(victim, RoleError)
         assert got.msg.traceback == blob  # data, never decoded further
         with pytest.raises(queue.Empty):
             victim.recv(timeout=0.3)
