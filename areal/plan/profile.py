@@ -15,11 +15,14 @@ random-init configuration, so that fixed costs and per-FLOP costs separate:
 * weight sync: Engine.update_weights of the 50M model's tensors, bytes / seconds (the in-process load
   every update ends with; the loopback broadcast of an async run adds its own copy);
 * rewards: the default math reward through a RewardPool of one worker process, per sample.
+* a sequence's own work (admission, prefill bookkeeping, fork, finishing: `sequence_s`), from the
+  first and last engine steps of the decode runs above, beyond two typical steps;
 * areal's own loops: one short real run each of sync and async (batch 8, 2 minibatches). The sync
   run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips and
-  scheduling, several times the bare call); step time beyond what the phases predict is charged per
-  group consumed (`sync_group_s`, `async_group_s`: messages, buffer, batch building on the
-  trainer's path).
+  scheduling, several times the bare call); the async run's trainer compute over the same compute
+  alone is `async_train_factor` (a rollout worker on the other core shares caches and memory
+  bandwidth); step time beyond what the phases predict is charged per group consumed
+  (`sync_group_s`, `async_group_s`: messages, buffer, batch building on the trainer's path).
 Timings are medians, so the profile is typical of this machine as loaded while it was measured.
 
 Writes the profile JSON (default areal/plan/data/here.json, read by `cluster.gpu=here`).
@@ -60,8 +63,10 @@ def _models(quick: bool):
     return out
 
 
-def measure_decode(model, batch_sizes, new_tokens: int = 12) -> list[tuple[int, float]]:
-    """(running sequences, seconds per engine step) at each batch size, requests of 8 samples."""
+def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -> list[tuple[int, float, float]]:
+    """(running sequences, seconds per engine step, seconds of the sequences' own work) at each batch size,
+    requests of 8 samples. The sequences' own work is what admission (prefill, fork) and finishing cost
+    beyond decode steps: the first and the last engine step, over two typical steps. Medians of `repeats`."""
     from areal.rollout import Engine
     from areal.rollout.types import SamplingParams
 
@@ -69,16 +74,23 @@ def measure_decode(model, batch_sizes, new_tokens: int = 12) -> list[tuple[int, 
     rows = []
     for bs in batch_sizes:
         params = SamplingParams(n=8, max_new_tokens=new_tokens, ignore_eos=True, seed=1)
-        for r in range(bs // 8):
-            engine.add_request([5 + r % 50] * 12, params, prompt_index=r)
-        engine.step()  # prefill + fork, not a decode step
-        times = []
-        while engine.has_unfinished():
+        steps, ends = [], []
+        for _ in range(repeats):
+            for r in range(bs // 8):
+                engine.add_request([5 + r % 50] * 12, params, prompt_index=r)
             start = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - start)
+            engine.step()  # prefill + fork, not a decode step
+            first = time.perf_counter() - start
+            times = []
+            while engine.has_unfinished():
+                start = time.perf_counter()
+                engine.step()
+                times.append(time.perf_counter() - start)
+            steps += times[:-1]
+            ends.append(first + times[-1])
         # the median full-batch step: typical of this machine as loaded now, as a run will see it
-        rows.append((bs, float(np.median(times[:-1] or times))))
+        step = float(np.median(steps))
+        rows.append((bs, step, float(np.median(ends)) - 2 * step))
     return rows
 
 
@@ -166,9 +178,11 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
         arch = from_config(name, cfg)
         rows = measure_decode(model, batch_sizes)
         raw["decode"][name] = rows
-        for bs, t in rows:
+        for bs, t, _ in rows:
             dec_x.append([1.0, bs, 2.0 * arch.matmul_params * bs])
             dec_y.append(t)
+        if name == "tiny-math":  # host-side work, which the tiny model's FLOPs do not hide: the slope over sequences
+            per_sequence = max(0.0, float(np.polyfit([bs for bs, _, _ in rows], [own for _, _, own in rows], 1)[0]))
         shapes = ([(4, 8, 1), (16, 4, 1), (16, 4, 4), (16, 24, 1)] if name == "tiny-math"
                   else [(2, 8, 1), (4, 16, 1)])
         rows = measure_train(model, shapes if not quick else shapes[:1] + [(8, 8, 2)], arch.vocab)
@@ -186,7 +200,8 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
     hw = Hardware("here", train_flops_s=1.0 / tinv if tinv > 0 else big, infer_flops_s=1.0 / inv_rate if inv_rate > 0 else big,
                   decode_bytes_s=big, intra_bw=sync_bw, inter_bw=sync_bw, mem_bytes=16e9, devices_per_node=os.cpu_count() or 1,
                   dtype_bytes=4, decode_step_s=float(a), decode_seq_s=float(per_seq), train_update_s=float(ta),
-                  train_token_s=float(per_tok), train_seq_s=float(per_seq_train), reward_s_per_sample=reward_s, weight_sync_latency_s=0.0,
+                  train_token_s=float(per_tok), train_seq_s=float(per_seq_train), reward_s_per_sample=reward_s,
+                  sequence_s=per_sequence, weight_sync_latency_s=0.0,
                   cores=os.cpu_count() or 1)
     raw["weight_sync_bytes_s"] = sync_bw
     raw["reward_s_per_sample"] = reward_s
@@ -221,10 +236,28 @@ def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
                 hw = replace(hw, reward_s_per_sample=float(np.mean(reward)))
                 found["reward_s_per_sample"] = hw.reward_s_per_sample
             measured, mean_len = steady_state(rows, warmup=8)
+            if mode == "async":  # the trainer's own compute, beside a rollout worker, over the same alone
+                hw = replace(hw, async_train_factor=train_factor(rows[8:], recipe, mean_len, hw))
+                found["async_train_factor"] = hw.async_train_factor
             predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
             found[f"{mode}_group_s"] = max(0.0, (measured - predicted) / recipe.trainer.batch_size)
             found[f"{mode}_measured_step_s"], found[f"{mode}_phases_step_s"] = measured, predicted
     return replace(hw, async_group_s=found["async_group_s"], sync_group_s=found["sync_group_s"]), found
+
+
+def train_factor(rows: list[dict], recipe, mean_len: float, hw: Hardware) -> float:
+    """The trainer's own step (proximal forward, advantages, update) as an async run measured it, over what
+    the profile predicts for the same batch alone (at least 1)."""
+    from areal.plan.__main__ import workload_from
+    from areal.plan.validate import mean_prompt_tokens
+
+    own = [r["time/train_s"] + r.get("time/proximal_s", 0.0) + r.get("time/advantage_s", 0.0)
+           for r in rows if "time/train_s" in r]
+    prompt = round(mean_prompt_tokens(recipe))
+    w = workload_from(recipe, {"gpu": "here", "prompt_len": prompt, "sigma": 0.3, "mean_len": mean_len})
+    groups = [(prompt, [round(mean_len)] * recipe.rollout.group_size)] * recipe.trainer.batch_size
+    alone = costs.train_time(w.arch, hw, groups, 1, recipe.trainer.minibatches, w.extra_forwards, w.share_prompts)
+    return max(1.0, float(np.mean(own)) / alone)
 
 
 def main(argv: list[str]) -> int:

@@ -211,6 +211,7 @@ class Simulation:
             gid, prompt, length, first = srv.waiting.popleft()
             if first:
                 prefill += costs.prefill_time(w.arch, hw, prompt, self.tp) * self.slowdown
+            prefill += hw.sequence_s * self.slowdown
             begin = srv.counter
             heapq.heappush(srv.finishes, (begin + length, next(self.seq_ids), gid, prompt, length))
             srv.ctx_const += prompt - begin
@@ -265,6 +266,8 @@ class Simulation:
         groups = [(self.w.prompt_len, self.groups[gid][3]) for _, _, gid in batch]
         t = costs.train_time(self.w.arch, self.w.hw, groups, self.train_devices, self.w.minibatches,
                              self.w.extra_forwards, self.w.share_prompts) * self.slowdown
+        if self.mode == "async":
+            t *= self.w.hw.async_train_factor
         t += B * (self.w.hw.sync_group_s if self.mode == "sync" else self.w.hw.async_group_s)
         wait = self.now - self.trainer_free_since
         self.training = True
