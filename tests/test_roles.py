@@ -78,7 +78,9 @@ def test_rollout_workers_killed_mid_run_lose_nothing_and_are_replaced(tmp_path, 
     if len(killed) == 2:  # the replacements rejoined the fleet and the weight group, and served the last steps
         all_lost_at = next(i for i, r in enumerate(rows) if r.get("rollout/workers_lost") == 2)
         assert any(r["rollout/live_workers"] >= 1 for r in rows[all_lost_at:])
-        assert rows[-1]["weights/groups_formed"] >= 3  # formed, re-formed without them, re-formed with one back
+        # formed, then re-formed with a replacement in it (a group "without them" forms in between only when
+        # the trainer publishes while both are gone: timing decides, so it is not asserted)
+        assert rows[-1]["weights/groups_formed"] >= 2
 
 
 @pytest.mark.slow

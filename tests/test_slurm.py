@@ -167,7 +167,7 @@ def test_a_failing_job_ends_the_command_with_the_roles_one_line_error(slurm, tmp
     rows.write_text('{"query": "1+1=", "answer": "2"}\n')  # no prompt column: trainer0 finds it in the job
     out = areal_train(tmp_path, *submit_args(tmp_path, "bad", f"data.train_path={rows}", "trainer.steps=2"))
     assert out.returncode == 2, out.stdout + out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"error: data: column 'question' not in {rows} " \
+    assert out.stderr.strip().splitlines()[-1] == f"error: data.prompt_key: column 'question' not in {rows} " \
                                                   "(columns: ['query', 'answer'])"
     assert (tmp_path / "bad" / "slurm" / "error.txt").is_file()
 
