@@ -19,7 +19,10 @@ One step, as trainer0 sees it:
   3. AsyncLoop takes B groups from the buffer, sends them to the other trainer ranks (`TrainStep`),
      and all ranks take the update together (areal/trainer/engine.py).
   4. trainer0 publishes the new weights in the background (areal/trainer/weight_publisher.py);
-     workers apply them between two engine steps, never stopping generation for the transfer.
+     workers apply them between two engine steps, never stopping generation for the transfer. With
+     trainer.publish_every=minibatch it also publishes after each minibatch of the step (labelled with
+     the last whole version), and the dispatcher holds the next batch until it is due just in time,
+     so that batch is generated with weights one or two optimizer updates old, not a whole step.
   5. areal/driver.py logs the step, asks the workers for a held-out evaluation when due
      (`RemoteEvaluator`, never on the trainer's path) and checkpoints when due (`capture`).
 
@@ -168,6 +171,8 @@ class Dispatcher(threading.Thread):
             while not self.stop_event.is_set():
                 if not self.staleness.admit(timeout=0.05):
                     continue
+                while self.pacer is not None and (hold := self.pacer.hold_s()) > 0 and not self.stop_event.is_set():
+                    self.stop_event.wait(min(hold, 0.05))  # a slot is ours; the batch is due just in time (freshness.py)
                 with self.lock:
                     count = 1
                     while self.staleness.try_admit():  # take every slot open now, as one message
@@ -208,6 +213,12 @@ class RemoteEvaluator:
         for i, request in requests.items():
             self.fleet.send(live[i], request)
         return future
+
+    @property
+    def pending(self) -> bool:
+        """An evaluation was asked for and is not complete yet."""
+        with self._lock:
+            return bool(self._pending)
 
     def deliver(self, result: dict) -> None:
         """A worker's shard result (the Collector calls this); a shard answered twice counts once."""
@@ -395,6 +406,18 @@ class AsyncLoop:
                     "filtered": sum(stats["filtered"].values()), "held": len(held), "running": len(running),
                     "held_ids": sorted(g.group_id for g in held), "running_ids": sorted(running)}
 
+    def _in_step_update(self, _update: int) -> None:
+        """After a minibatch (trainer.publish_every=minibatch): the weights so far, labelled with the last
+        whole version, so the next batch is generated fresher. Not while an evaluation is due: it scores
+        the whole version it asked for."""
+        p = self.parts
+        weights = p.engine.named_weights()  # under ZeRO-3 a gather the other ranks join (areal/roles.py)
+        if p.collector.evaluator.pending:
+            for _ in weights:
+                pass
+        else:
+            p.publisher.publish(p.engine.version, weights)
+
     def capture(self) -> tuple[dict, list[Future]]:
         """The cut of the module docstring: the trainer side now, the rollout side as a Future.
         Held groups are encoded here (small: at most (eta + 1) * B groups)."""
@@ -417,6 +440,8 @@ class AsyncLoop:
         parts.publisher.publish(engine.version, engine.named_weights())  # the current version to every worker
         parts.dispatcher.start()
         pacer, last_version_at = parts.dispatcher.pacer, None
+        # in-step weights serve only a batch generated during the step: none at eta = 0
+        in_step = self._in_step_update if trainer_cfg.publish_every == "minibatch" and staleness.max_staleness else None
         rollout_tokens_before = 0
         for step in range(self.first_step, trainer_cfg.steps + 1):
             t0 = time.perf_counter()
@@ -428,7 +453,7 @@ class AsyncLoop:
             lags = token_lags(groups, engine.version)
             self.lags.update(lags)
             self.wait_s_total, self.steps_run = self.wait_s_total + (t1 - t0), self.steps_run + 1
-            metrics = engine.train_step(build_batch(groups, None, self.pad_token_id))
+            metrics = engine.train_step(build_batch(groups, None, self.pad_token_id), after_update=in_step)
             t2 = time.perf_counter()
             if pacer is not None:  # the lead for the next admissions: the trainer's own time this step, waits apart
                 own_s = (t2 - t1) + (t0 - last_version_at if last_version_at is not None else 0.0)
@@ -476,6 +501,7 @@ def step_metrics(t0, t1, t3, lags: Counter, buffer, staleness, fleet: Fleet, wor
         **{f"weights/pause_s_total_rollout{rank}": w.get("pause_s", 0.0) for rank, w in workers.items()},
         **({} if last is None else {"weights/bytes": float(last.bytes), "weights/transfer_s": float(last.transfer_s),
                                     "weights/coalesced_total": float(publisher.coalesced_total),
+                                    "weights/updates_sent": float(publisher.updates_sent),
                                     "weights/groups_formed": float(publisher.groups_formed)}),
     }
 

@@ -25,6 +25,12 @@ from areal.role import RoleSpec
 STARTUP_TIMEOUT_S = 900.0  # loading a large model on every worker can take minutes
 
 
+
+def in_step_updates(recipe) -> bool:
+    """trainer0 publishes weights after every minibatch too (areal/async_loop.py, step 4): only for data
+    generated during a step, so never at eta = 0."""
+    return recipe.trainer.publish_every == "minibatch" and recipe.rollout.max_staleness > 0
+
 def _recipe(spec: RoleSpec) -> Recipe:
     recipe = from_dict(Recipe, spec.recipe, f"role spec of {spec.name}")
     recipe.validate()
@@ -105,6 +111,11 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
         session = CheckpointSession(recipe.checkpoint, Path(placed.run_dir), engine, to_dict(recipe), tokenizer,
                                     rank=spec.rank, world_size=shards_per_checkpoint(recipe))
     gathers = recipe.trainer.backend == "deepspeed" and recipe.trainer.zero_stage == 3
+
+    def gather(_update: int = 0) -> None:  # trainer0 gathers the full weights to publish them: every rank joins
+        for _ in engine.named_weights():
+            pass
+
     try:
         while True:
             msg = _wait_for(endpoint, (TrainStep, ExportModel, SaveCheckpoint), None, "training step")
@@ -114,10 +125,10 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
                 endpoint.send("trainer0", ShardSaved(msg.step, spec.rank, engine.checkpoint_state()[1]))
                 session.save(msg.step, {}, wait=msg.wait)
             else:
-                engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id))
-                if gathers:  # trainer0 gathers the full weights to publish them: a collective every rank joins
-                    for _ in engine.named_weights():
-                        pass
+                in_step = gather if gathers and in_step_updates(recipe) else None
+                engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id), after_update=in_step)
+                if gathers:
+                    gather()
     finally:
         if session is not None:
             session.close()  # the shard being written is finished before the process ends
@@ -214,7 +225,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             publisher.reform(fleet.weight_group())
 
     fleet = Fleet(endpoint, new_sender)
-    pacer = FreshnessPacer(staleness) if ro.admission == "fresh" else None
+    pacer = FreshnessPacer(staleness, in_step_updates=in_step_updates(recipe)) if ro.admission == "fresh" else None
     dispatcher = Dispatcher(staleness, sampler, fleet, first_group_id, in_flight, worker_rng, pacer)
     evaluator = RemoteEvaluator(fleet, s.test_prompts, ro.eval_max_new_tokens)
     collector = Collector(endpoint, buffer, fleet, dispatcher, evaluator, membership_changed, shard_metas.deliver)

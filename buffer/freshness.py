@@ -22,7 +22,19 @@ If the trainer waits anyway (filtered groups need replacements, or evaluation or
 the workers away), the lead goes one higher (`bump`). The bump is given back one at a time after
 `patience` steps without a wait.
 
-Only the lead moves. The admission rule itself, and its η bound, stay in areal/buffer/staleness.py
+Within a step, when the trainer publishes in-step weights (after every minibatch,
+`trainer.publish_every=minibatch`), waiting is worth something too: at lead 1 the next batch is held
+after the trainer's new version for
+
+    hold = max(0, T − m · L)
+
+so that it is generated with weights updated during the step and arrives as the step ends. A held
+batch that still came late shortens the holds that follow (by the trainer's wait, at most that
+hold, given back 10% a calm step) instead of raising the lead: a version more of lead would cost far more freshness than a
+few milliseconds less of hold. Without in-step weights nothing changes within a step, and admission
+is never held.
+
+Only the lead and the hold move. The admission rule itself, and its η bound, stay in areal/buffer/staleness.py
 (`StalenessController.set_lead`).
 """
 
@@ -45,6 +57,12 @@ def freshness_lead(latency_s: float, train_s: float, max_staleness: int, margin:
     return max(1, min(max_staleness, math.ceil(margin * latency_s / train_s)))
 
 
+def just_in_time_hold(train_s: float, latency_s: float, margin: float = 1.25) -> float:
+    """hold = max(0, T − m · L): how long after a new version the next batch may wait and still arrive
+    before the trainer needs it (module docstring)."""
+    return max(0.0, train_s - margin * latency_s)
+
+
 def high_quantile(values, q: float = 0.9) -> float:
     """The q-quantile of `values` (nearest rank, no interpolation); 0 for none."""
     ordered = sorted(values)
@@ -59,8 +77,11 @@ class FreshnessPacer:
     """
 
     def __init__(self, controller: StalenessController, margin: float = 1.25, window: int | None = None,
-                 wait_tolerance: float = 0.05, patience: int = 10, clock=time.monotonic):
+                 wait_tolerance: float = 0.05, patience: int = 10, clock=time.monotonic, in_step_updates: bool = False):
         self.controller, self.margin, self.clock = controller, margin, clock
+        self.in_step_updates = in_step_updates  # the trainer publishes weights within a step: hold admission
+        self.hold_until, self.hold = 0.0, 0.0  # no batch is admitted before hold_until; the last hold, seconds
+        self.slack = 0.0  # taken off every hold after held batches came late; shrinks by 10% a calm step
         self.wait_tolerance, self.patience = wait_tolerance, patience
         self.latencies: deque[float] = deque(maxlen=window or 2 * controller.groups_per_step)
         self.admitted_at: dict[int, float] = {}
@@ -84,25 +105,41 @@ class FreshnessPacer:
             if started is not None:  # a checkpoint's group was admitted by an earlier run: no latency to learn
                 self.latencies.append(now - started)
 
-    def stepped(self, own_s: float, wait_s: float) -> int:
+    def stepped(self, own_s: float, wait_s: float, now: float | None = None) -> int:
         """One update done: `own_s` the trainer's own time for it, `wait_s` how long it waited for the
-        batch. Sets and returns the lead."""
+        batch. Sets and returns the lead, and the hold of the batch this version lets in."""
+        now = self.clock() if now is None else now
         with self._lock:
             self.steps += 1
             self.train_s = own_s if self.steps == 1 else 0.7 * self.train_s + 0.3 * own_s
-            if self.steps > 1 and wait_s > self.wait_tolerance * max(own_s, 1e-9):  # the first batch always waits
+            waited = self.steps > 1 and wait_s > self.wait_tolerance * max(own_s, 1e-9)  # the first batch always waits
+            if waited and self.hold > 0:  # that batch was held too long: shorten the holds before raising the lead
+                self.slack += min(wait_s, self.hold)  # (the hold is to blame for at most its own length)
+            elif waited:
                 self.bump, self.calm_steps = self.bump + 1, 0
             else:
                 self.calm_steps += 1
+                self.slack *= 0.9
                 if self.bump and self.calm_steps >= self.patience:
                     self.bump, self.calm_steps = self.bump - 1, 0
             eta = self.controller.max_staleness
             self.bump = min(self.bump, eta)
-            lead = freshness_lead(high_quantile(self.latencies), self.train_s, eta, self.margin) + self.bump
-            return self.controller.set_lead(lead)
+            latency = high_quantile(self.latencies)
+            lead = self.controller.set_lead(freshness_lead(latency, self.train_s, eta, self.margin) + self.bump)
+            hold = self.in_step_updates and lead == 1 and self.steps > 1 and bool(self.latencies)
+            self.hold = max(0.0, just_in_time_hold(self.train_s, latency, self.margin) - self.slack) if hold else 0.0
+            self.hold_until = now + self.hold
+            return lead
+
+    def hold_s(self, now: float | None = None) -> float:
+        """Seconds the dispatcher must still hold admission (0: admit)."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            return max(0.0, self.hold_until - now)
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             return {"admission/lead": float(self.controller.lead),
                     "admission/latency_s": high_quantile(self.latencies),
-                    "admission/train_s": self.train_s, "admission/bump": float(self.bump)}
+                    "admission/train_s": self.train_s, "admission/bump": float(self.bump),
+                    "admission/hold_s": self.hold, "admission/hold_slack_s": self.slack}

@@ -106,3 +106,24 @@ def test_a3po_on_stale_tokens_is_neither_naive_nor_exact(tiny_qwen2):
     assert not _same_weights(approx, naive) and not _same_weights(approx, exact)
     assert stats["train/importance_weight_mean"] != pytest.approx(1.0, abs=1e-4)
     assert all(v == v for v in stats.values())  # no NaN
+
+
+def test_in_step_updates_see_the_weights_after_each_minibatch_but_the_last(tiny_qwen2):
+    """trainer.publish_every=minibatch: after_update(k) runs after optimizer updates 1..M-1 (the last one
+    is the new version, published by the loop), each time with weights the previous one has not seen."""
+    import copy
+
+    engine = TrainEngine(copy.deepcopy(tiny_qwen2), TrainerConfig(lr=1e-2, minibatches=4), temperature=1.0)
+    seen = [{n: t.clone() for n, t in engine.named_weights()}]
+    calls = []
+
+    def after_update(k):
+        calls.append((k, engine.version))
+        seen.append({n: t.clone() for n, t in engine.named_weights()})
+
+    groups = make_groups()
+    engine.train_step(build_batch(groups, [[1.0, -1.0], [-1.0, 1.0]], pad_token_id=0), after_update=after_update)
+    assert calls == [(1, 0), (2, 0), (3, 0)]  # labelled with the last whole version
+    seen.append(dict(engine.named_weights()))
+    for before, after in zip(seen, seen[1:]):
+        assert any(not torch.equal(before[n], after[n]) for n in before)

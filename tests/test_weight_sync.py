@@ -242,17 +242,18 @@ def test_coalescing_latest_version_wins_and_publish_never_waits():
         pub.publish(v, make_weights(v))  # v2..v5 are replaced by v6 before they start
     assert time.perf_counter() - t0 < 1.0  # never waited for the stuck transfer
     with pytest.raises(ValueError):
-        pub.publish(6, make_weights(6))  # versions must increase
+        pub.publish(5, make_weights(5))  # versions never go back
+    pub.publish(6, make_weights(7))  # an in-step update: the same label, newer weights; the latest still wins
     sender.gate.set()
     pub.wait(TIMEOUT_S)
     assert [s.version for s in pub.history] == [1, 6]
-    assert [s.coalesced for s in pub.history] == [0, 4] and pub.coalesced_total == 4
+    assert [s.coalesced for s in pub.history] == [0, 5] and pub.coalesced_total == 5
     assert sender.control_messages == 2  # one per update sent
     update = receiver.wait_for(6, timeout=TIMEOUT_S)
     engine = RecordingEngine()
     pause = apply(update, engine, mode="recompute")
     assert engine.version == 6 and engine.modes == ["recompute"] and pause >= 0
-    assert all(torch.equal(engine.weights[n], t) for n, t in make_weights(6).items())
+    assert all(torch.equal(engine.weights[n], t) for n, t in make_weights(7).items())
     assert receiver.stats["weights/applied_version"] == 6 and receiver.stats["weights/pause_s"] == pause
     pub.close()
     receiver.close()

@@ -34,6 +34,14 @@ class TrainerConfig:
         "small clips such as eps_clip_low=3e-4, eps_clip_high=4e-4).",
         choices=("ppo", "gspo"),
     )
+    publish_every: str = option(
+        "minibatch",
+        "Async mode: when trainer0 publishes weights to the rollout workers. step: once per version; "
+        "minibatch: also after every PPO minibatch (in-step updates), so the next batch is generated "
+        "with weights at most one optimizer update old. In-step weights carry the last whole version "
+        "they contain, so the staleness bound stays conservative. No effect at eta=0 or in sync mode.",
+        choices=("step", "minibatch"),
+    )
     eps_clip_low: float = option(0.2, "PPO clip: ratio floor is 1 - eps_clip_low.")
     eps_clip_high: float = option(0.2, "PPO clip: ratio ceiling is 1 + eps_clip_high (DAPO clip-higher if larger).")
     dual_clip: float = option(0.0, "Dual clip constant c > 1 for negative advantages (0 = off).")

@@ -254,8 +254,9 @@ class TrainEngine:
         stats["entropy"] = aggregate(entropy.detach(), eff)
         return loss, stats
 
-    def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One policy update: pi_prox once (or per micro-batch, A-3PO), then `minibatches` PPO updates; bumps the version."""
+    def train_step(self, batch: TrainBatch, after_update: Callable[[int], None] | None = None) -> dict[str, float]:
+        """One policy update: pi_prox once (or per micro-batch, A-3PO), then `minibatches` PPO updates; bumps the version.
+        `after_update(k)` runs after the k-th optimizer update of every one but the last (in-step weight updates)."""
         cfg = self.cfg
         batch = batch.to(self.device)
         parts = self._minibatch_shares(batch)
@@ -307,6 +308,8 @@ class TrainEngine:
                     weights[f"train/{k}"] = weights.get(f"train/{k}", 0.0) + n
             grad_norms.append(self.backend.step())
             losses.append(total)
+            if after_update is not None and len(grad_norms) < len(parts):
+                after_update(len(grad_norms))
         if self.world_size > 1:  # every rank reports the global figures
             keys = sorted(sums)
             packed = _all_reduce(torch.tensor([sums[k] for k in keys] + [weights[k] for k in keys] + losses,

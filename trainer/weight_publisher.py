@@ -12,7 +12,9 @@ control message and the buckets. Two snapshot buffers: one being sent, one pendi
 Latest version wins: if a publish arrives while the previous one is still being sent, it becomes the
 pending snapshot; a further publish before that pending one has started overwrites it (the older
 version is never sent; counted in `coalesced`). An update already on the wire is always completed, so
-receivers only ever see whole versions, in increasing order. The trainer therefore never waits for a
+receivers only ever see whole versions, in increasing order. A version may be published more than once:
+with in-step updates (`trainer.publish_every=minibatch`) the weights after each minibatch of the step
+towards v + 1 go out labelled v, the last whole version they contain; the newest of them still wins. The trainer therefore never waits for a
 slow rollout worker, and rollout workers skip versions rather than fall behind.
 """
 
@@ -82,15 +84,16 @@ class WeightPublisher:
 
     # ------------------------------------------------------------------ trainer side
     def publish(self, version: int, named_tensors) -> float:
-        """Snapshot `named_tensors` ((name, tensor) pairs or a dict) as `version`; returns the copy seconds."""
+        """Snapshot `named_tensors` ((name, tensor) pairs or a dict) as `version` (the last one's or newer);
+        returns the copy seconds."""
         t0 = time.perf_counter()
         pairs = list(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
         with self._cond:
             self._raise_if_failed()
             if self._closing:
                 raise RuntimeError("publish() after close()")
-            if self._last_version is not None and version <= self._last_version:
-                raise ValueError(f"version {version} is not newer than the last published {self._last_version}")
+            if self._last_version is not None and version < self._last_version:
+                raise ValueError(f"version {version} is older than the last published {self._last_version}")
             self._last_version = version
             layout = self._layout_for(pairs)
             if self._pending is not None and self._pending.layout is layout:
