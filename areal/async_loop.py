@@ -370,6 +370,7 @@ class AsyncParts:
     collector: Collector
     endpoint: object  # areal.channel.Endpoint
     trainer_ranks: int = 1
+    in_step_updates: bool = False  # publish after every minibatch too (step 4 of the module docstring)
 
 
 class AsyncLoop:
@@ -407,7 +408,7 @@ class AsyncLoop:
                     "held_ids": sorted(g.group_id for g in held), "running_ids": sorted(running)}
 
     def _in_step_update(self, _update: int) -> None:
-        """After a minibatch (trainer.publish_every=minibatch): the weights so far, labelled with the last
+        """After a minibatch (`in_step_updates`): the weights so far, labelled with the last
         whole version, so the next batch is generated fresher. Not while an evaluation is due: it scores
         the whole version it asked for."""
         p = self.parts
@@ -440,8 +441,7 @@ class AsyncLoop:
         parts.publisher.publish(engine.version, engine.named_weights())  # the current version to every worker
         parts.dispatcher.start()
         pacer, last_version_at = parts.dispatcher.pacer, None
-        # in-step weights serve only a batch generated during the step: none at eta = 0
-        in_step = self._in_step_update if trainer_cfg.publish_every == "minibatch" and staleness.max_staleness else None
+        in_step = self._in_step_update if parts.in_step_updates else None
         rollout_tokens_before = 0
         for step in range(self.first_step, trainer_cfg.steps + 1):
             t0 = time.perf_counter()

@@ -241,7 +241,8 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
         collector.handle(got)
     publisher = WeightPublisher(fleet.weight_group())
     collector.start()
-    parts = AsyncParts(engine, publisher, staleness, buffer, fleet, dispatcher, collector, endpoint, tr.world_size)
+    parts = AsyncParts(engine, publisher, staleness, buffer, fleet, dispatcher, collector, endpoint, tr.world_size,
+                       in_step_updates(recipe))
 
     def extra():
         workers = collector.worker_stats.values()
