@@ -110,7 +110,7 @@ def test_fork_bomb_is_stopped_and_leaves_no_process_behind(tmp_path):
         assert result.rewards == [0.0, 2.0, 3.0]
         assert result.failures == {**NO_FAILURES, "processes": 1}
         forked = recorded_pids(pids_file)
-        assert 16 < len(forked) < 200  # stopped past the limit, long before the bomb's own cap
+        assert 16 <= len(forked) < 200  # stopped once at the limit (or a few forks past it), long before the bomb's own cap
         assert still_running(forked) == []  # killed with its worker, not only at close
         assert scores_normally(pool)
     assert still_running(forked) == []
