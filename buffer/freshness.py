@@ -18,8 +18,9 @@ where:
 
 d = 1 is the floor of overlap: data generated while the trainer computes version v + 1 comes from
 version v. When generation is the bottleneck (L > η·T), d = η, which is greedy admission as before.
-If the trainer waits anyway (filtered groups need replacements, or evaluation or a checkpoint takes
-the workers away), the lead goes one higher (`bump`). The bump is given back one at a time after
+If the trainer waits anyway in two of three steps (filtered groups need replacements, or evaluation
+or a checkpoint takes the workers away), the lead goes one higher (`bump`); one late wake-up on a
+loaded machine is not worth a version of freshness. The bump is given back one at a time after
 `patience` steps without a wait.
 
 Within a step, when the trainer publishes in-step weights (after every minibatch,
@@ -87,7 +88,8 @@ class FreshnessPacer:
         self.admitted_at: dict[int, float] = {}
         self.train_s = 0.0  # EMA of the trainer's own time per step
         self.bump = 0
-        self.calm_steps = 0  # steps since the trainer last waited
+        self.calm_steps = 0  # steps since the lead last rose
+        self.recent_waits: deque[bool] = deque(maxlen=3)  # whether the trainer waited, the last 3 steps
         self.steps = 0
         self._lock = threading.Lock()
         controller.set_lead(min(1, controller.max_staleness))  # fresh from the start; waits raise it
@@ -116,8 +118,12 @@ class FreshnessPacer:
             if waited and self.hold > 0:  # that batch was held too long: shorten the holds before raising the lead
                 self.slack += min(wait_s, self.hold)  # (the hold is to blame for at most its own length)
             elif waited:
-                self.bump, self.calm_steps = self.bump + 1, 0
+                self.recent_waits.append(True)
+                if sum(self.recent_waits) >= 2:  # a shortfall that recurs, not one late wake-up
+                    self.bump, self.calm_steps = self.bump + 1, 0
+                    self.recent_waits.clear()
             else:
+                self.recent_waits.append(False)
                 self.calm_steps += 1
                 self.slack *= 0.9
                 if self.bump and self.calm_steps >= self.patience:

@@ -68,7 +68,10 @@ def test_pacer_waits_raise_the_lead_and_calm_steps_give_it_back():
     for g in range(4):
         pacer.arrived(g, now=0.01)
     assert pacer.stepped(own_s=0.1, wait_s=5.0) == 1  # the first batch always waits: not held against it
-    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 2  # waited half a step: one more version of lead
+    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 1  # waited half a step, once: a late wake-up
+    assert pacer.stepped(own_s=0.1, wait_s=0.0) == 1
+    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 2  # two waits in three steps: one more version of lead
+    assert pacer.stepped(own_s=0.1, wait_s=0.05) == 2
     assert pacer.stepped(own_s=0.1, wait_s=0.05) == 3
     for _ in range(2):
         assert pacer.stepped(own_s=0.1, wait_s=0.0) == 3
@@ -103,8 +106,9 @@ def test_the_pacer_holds_only_with_in_step_updates_and_only_at_lead_one():
             assert pacer.hold_s(now=2.0) == pytest.approx(expected - 0.05)
             assert pacer.stepped(own_s=0.1, wait_s=0.05, now=3.0) == 1
             assert pacer.hold_s(now=3.0) == 0.0  # nothing left to shorten
-        assert pacer.stepped(own_s=0.1, wait_s=0.05, now=4.0) == 2  # waited, and no hold to blame: more lead
-        assert pacer.hold_s(now=4.0) == 0.0
+        assert pacer.stepped(own_s=0.1, wait_s=0.05, now=4.0) == 1  # waited, no hold to blame: once is chance
+        assert pacer.stepped(own_s=0.1, wait_s=0.05, now=5.0) == 2  # twice is a shortfall: more lead
+        assert pacer.hold_s(now=5.0) == 0.0
 
 
 def _pipeline(latency_s: float, step_s: float, eta: int, fresh: bool, steps: int = 24, B: int = 2,
