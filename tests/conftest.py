@@ -19,3 +19,14 @@ def tiny_qwen2():
         eos_token_id=1, pad_token_id=0, bos_token_id=2,
     )
     return AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+@pytest.fixture(scope="session")
+def local_async_run(tmp_path_factory):
+    """A local async run of the default recipe, small (tests/test_async_pipeline.py's SMALL, 3 steps): what the
+    same run through Ray (tests/test_ray.py) and Slurm (tests/test_slurm.py) must end with. Run once for both."""
+    from areal.train import train
+    from test_async_pipeline import recipe
+
+    return train(recipe(tmp_path_factory.mktemp("local_async"), "local", "run.mode=async", "trainer.steps=3",
+                        "run.eval_every=3"))

@@ -16,16 +16,14 @@ from pathlib import Path
 import pytest
 
 from areal.metrics import read_metrics
-from areal.train import train
 
 from test_async_pipeline import SMALL
-from test_async_pipeline import recipe as small_recipe
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install ray): the Ray launcher tests need it")
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [*SMALL, "logging.progress_bar=false", "trainer.steps=4", "run.eval_every=4"]
+TINY = [*SMALL, "logging.progress_bar=false", "trainer.steps=3", "run.eval_every=3"]  # conftest's local_async_run
 
 
 def _loopback_only_netns(name: str):
@@ -86,15 +84,14 @@ def _in_netns(ns: str, args: list[str], timeout: float = 240, **env) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_default_recipe_on_ray_finishes_with_the_summary_of_a_local_run(netns, tmp_path):
+def test_default_recipe_on_ray_finishes_with_the_summary_of_a_local_run(netns, tmp_path, local_async_run):
     ray_run = _in_netns(netns, ["-m", "areal.train", "recipe=math", "launcher.type=ray", *TINY,
                                 f"run.run_dir={tmp_path / 'ray'}"])
     assert ray_run.returncode == 0, ray_run.stderr[-3000:]
     assert "(trainer0 pid=" in ray_run.stdout + ray_run.stderr  # the actors' output reaches the driver, named
     on_ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
-    local = train(small_recipe(tmp_path, "local", "logging.progress_bar=false", "trainer.steps=4", "run.eval_every=4"))
-    assert set(on_ray) == set(local.summary)
-    assert on_ray["steps"] == 4 and on_ray["rollout_workers_live"] == 1
+    assert set(on_ray) == set(local_async_run.summary)
+    assert on_ray["steps"] == 3 and on_ray["rollout_workers_live"] == 1
     assert (tmp_path / "ray" / "model" / "config.json").exists()
     assert _pids_in(netns) == []  # the private Ray the run started is gone with it
 

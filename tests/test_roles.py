@@ -60,13 +60,15 @@ def test_bad_data_found_by_the_trainer_process_is_one_clear_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed, steps", [(("rollout0",), 12), (("rollout0", "rollout1"), 30)])
-def test_rollout_workers_killed_mid_run_lose_nothing_and_are_replaced(tmp_path, monkeypatch, killed, steps):
+def test_both_rollout_workers_killed_mid_run_lose_nothing_and_are_replaced(tmp_path, monkeypatch):
     # seeded generation steps of the workers' first processes; their replacements run clean. With both
-    # killed, the run goes on only once a replacement has joined: the rejoin is certain, not a race
+    # killed, the run goes on only once a replacement has joined: the rejoin is certain, not a race. (One
+    # worker of two lost and replaced while the other serves is test_a_silent_rollout_worker_is_named_and_replaced.)
+    # Both die within their first few generation steps: 12 steps leave most of the run to the replacements.
+    killed, steps = ("rollout0", "rollout1"), 12
     rng = random.Random(len(killed))
     monkeypatch.setenv("AREAL_FAULT", ",".join(f"{w}.0/rollout.step@{rng.randint(5, 25)}:kill" for w in killed))
-    result = train(recipe(tmp_path, f"kill{len(killed)}", "rollout.num_workers=2", "rollout.max_staleness=1",
+    result = train(recipe(tmp_path, "kill2", "rollout.num_workers=2", "rollout.max_staleness=1",
                           f"trainer.steps={steps}", f"run.eval_every={steps // 2}", "checkpoint.every_steps=3"))
     s = result.summary
     assert s["steps"] == steps and s["rollout_workers_lost"] == len(killed)
@@ -75,12 +77,12 @@ def test_rollout_workers_killed_mid_run_lose_nothing_and_are_replaced(tmp_path, 
     assert len(ids) == len(set(ids)) == steps * 4  # nothing trained twice, every step full
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["eval/step"] for r in rows if "eval/accuracy" in r] == [0, steps // 2, steps]
-    if len(killed) == 2:  # the replacements rejoined the fleet and the weight group, and served the last steps
-        all_lost_at = next(i for i, r in enumerate(rows) if r.get("rollout/workers_lost") == 2)
-        assert any(r["rollout/live_workers"] >= 1 for r in rows[all_lost_at:])
-        # formed, then re-formed with a replacement in it (a group "without them" forms in between only when
-        # the trainer publishes while both are gone: timing decides, so it is not asserted)
-        assert rows[-1]["weights/groups_formed"] >= 2
+    # the replacements rejoined the fleet and the weight group, and served the last steps
+    all_lost_at = next(i for i, r in enumerate(rows) if r.get("rollout/workers_lost") == 2)
+    assert any(r["rollout/live_workers"] >= 1 for r in rows[all_lost_at:])
+    # formed, then re-formed with a replacement in it (a group "without them" forms in between only when
+    # the trainer publishes while both are gone: timing decides, so it is not asserted)
+    assert rows[-1]["weights/groups_formed"] >= 2
 
 
 @pytest.mark.slow
@@ -139,9 +141,14 @@ def test_a_silent_rollout_worker_is_named_and_replaced(tmp_path, capsys):
     stopper.join()
     assert result.summary["rollout_workers_lost"] == 1
     printed = capsys.readouterr()
-    assert "rollout worker 'rollout1' stopped answering" in (printed.out + printed.err).replace("\n", " ")
+    said = (printed.out + printed.err).replace("\n", " ")
+    assert "rollout worker 'rollout1' stopped answering" in said and "restarting it" in said
+    # also the case of one worker of two lost mid-run and replaced, the other serving meanwhile: nothing lost
     ids = _consumed_ids(result.run_dir)
     assert len(ids) == len(set(ids)) == 8 * 4
+    _ledger_holds(result.summary)
+    rows = read_metrics(result.run_dir / "metrics.jsonl")
+    assert [r["eval/step"] for r in rows if "eval/accuracy" in r] == [0, 8]
 
 
 @pytest.mark.slow
@@ -158,11 +165,20 @@ def test_a_silent_trainer_rank_ends_the_run_with_its_name(tmp_path):
     assert _role_pids("trainer1.0") == [] and _role_pids("trainer0.0") == []
 
 
+# eta=0: deterministic, so runs of several trainer ranks, of ZeRO-2 and of a resumed crash compute what one rank does
+DETERMINISTIC = ["rollout.max_staleness=0", "trainer.steps=6", "run.eval_every=6", "trainer.max_tokens_per_microbatch=64"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """One torch trainer rank and one worker, uninterrupted: the run the tests below must equal (run once)."""
+    return train(recipe(tmp_path_factory.mktemp("one_rank"), "one", *DETERMINISTIC))
+
+
 @pytest.mark.slow
-def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(tmp_path):
-    common = ["rollout.max_staleness=0", "trainer.steps=3", "run.eval_every=3", "trainer.max_tokens_per_microbatch=64"]
-    one = train(recipe(tmp_path, "one", *common))
-    two = train(recipe(tmp_path, "two", "trainer.world_size=2", "rollout.num_workers=2", *common))
+def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(tmp_path, one_rank):
+    one = one_rank
+    two = train(recipe(tmp_path, "two", "trainer.world_size=2", "rollout.num_workers=2", *DETERMINISTIC))
     a, b = read_metrics(one.run_dir / "metrics.jsonl")[1:], read_metrics(two.run_dir / "metrics.jsonl")[1:]
     assert [r["data/group_ids"] for r in a] == [r["data/group_ids"] for r in b]
     for key in ("reward/mean", "rollout/response_length", "train/loss", "train/grad_norm", "train/entropy",
@@ -170,17 +186,16 @@ def test_two_trainer_ranks_and_two_workers_match_one_rank_in_deterministic_mode(
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key
     assert two.summary["trainer_ranks"] == 2
     evals = [r for r in read_metrics(two.run_dir / "metrics.jsonl") if "eval/accuracy" in r]
-    assert [(r["eval/step"], r["eval/num_prompts"]) for r in evals] == [(0, 16), (3, 16)]  # two shards, merged
+    assert [(r["eval/step"], r["eval/num_prompts"]) for r in evals] == [(0, 16), (6, 16)]  # two shards, merged
     assert {"weights/pause_s_total_rollout0", "weights/pause_s_total_rollout1"} <= set(b[-1])  # both reported
     assert undeclared({k for r in a + b for k in r}) == []  # every key has its meaning in the one schema
     assert one.summary["eval_accuracy_final"] == two.summary["eval_accuracy_final"]
 
 
 @pytest.mark.slow
-def test_two_zero2_ranks_checkpoint_their_shards_and_resume_exactly(tmp_path, monkeypatch):
-    common = ["trainer.backend=deepspeed", "trainer.zero_stage=2", "trainer.world_size=2", "rollout.max_staleness=0",
-              "trainer.steps=6", "run.eval_every=6", "checkpoint.every_steps=2"]
-    whole = train(recipe(tmp_path, "whole", *common))
+def test_two_zero2_ranks_checkpoint_their_shards_and_resume_exactly(tmp_path, monkeypatch, one_rank):
+    common = ["trainer.backend=deepspeed", "trainer.zero_stage=2", "trainer.world_size=2", *DETERMINISTIC,
+              "checkpoint.every_steps=2"]
     # trainer0 dies in step 5's update (4 minibatch updates per step): checkpoints 2 and 4 hold two shards each
     monkeypatch.setenv("AREAL_FAULT", "trainer0.0/trainer.update@19:kill")
     with pytest.raises(RoleFailed, match="trainer"):  # trainer0 died, or trainer1 lost it mid-collective
@@ -190,7 +205,9 @@ def test_two_zero2_ranks_checkpoint_their_shards_and_resume_exactly(tmp_path, mo
     assert {p.name for p in latest.glob("rank*.safetensors")} == {"rank00000.safetensors", "rank00001.safetensors"}
     resumed = train(recipe(tmp_path, "crashed", *common))  # the same command
     assert resumed.summary["resumed_from_step"] in (2, 4)
-    a, b = read_metrics(whole.run_dir / "metrics.jsonl")[1:], read_metrics(resumed.run_dir / "metrics.jsonl")[1:]
+    # equal to the uninterrupted run of one torch rank (ZeRO-2 over two ranks computes what one process does:
+    # tests/test_deepspeed.py)
+    a, b = read_metrics(one_rank.run_dir / "metrics.jsonl")[1:], read_metrics(resumed.run_dir / "metrics.jsonl")[1:]
     assert [r["data/group_ids"] for r in a] == [r["data/group_ids"] for r in b]
     for key in ("train/loss", "train/grad_norm", "reward/mean"):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], rel=1e-4, abs=1e-6), key

@@ -19,10 +19,8 @@ import pytest
 from areal.config import ConfigError
 from areal.launchers.slurm import place_roles, slurm_seconds
 from areal.metrics import read_metrics
-from areal.train import train
 
 from test_async_pipeline import SMALL
-from test_async_pipeline import recipe as small_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
@@ -135,7 +133,7 @@ def job_state(job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_default_run_submitted_to_slurm_finishes_with_a_local_runs_summary(slurm, tmp_path):
+def test_a_default_run_submitted_to_slurm_finishes_with_a_local_runs_summary(slurm, tmp_path, local_async_run):
     out = areal_train(tmp_path, *submit_args(tmp_path, "job", "trainer.steps=3", "run.eval_every=3"))
     assert out.returncode == 0, out.stdout + out.stderr
     job_id = re.search(r"^submitted job (\d+)$", out.stdout, re.M).group(1)
@@ -148,7 +146,7 @@ def test_a_default_run_submitted_to_slurm_finishes_with_a_local_runs_summary(slu
     for spec in (log_dir / "roles").iterdir():  # one spec per srun step, private, without the run secret
         assert os.stat(spec).st_mode & 0o077 == 0 and json.loads(spec.read_text())["secret"] == ""
         assert json.loads(spec.read_text())["bind_host"] == "127.0.0.1"  # the node's NodeAddr
-    local = train(small_recipe(tmp_path, "local", "run.mode=async", "trainer.steps=3", "run.eval_every=3"))
+    local = local_async_run  # the same recipe and overrides, run locally
     assert set(summary) == set(local.summary)
     assert summary["eval_accuracy_final"] == local.summary["eval_accuracy_final"]  # same seed, same run
 

@@ -1,9 +1,11 @@
-"""A short real run on the shipped model and data, and the bad inputs a run must name."""
+"""A short real run on the shipped model and data (its files, and the model it leaves), and the bad inputs a
+run must name."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from areal.config import build
 from areal.data import DataError
@@ -33,12 +35,21 @@ MODE_KEYS = {
 }
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_short_run_writes_config_metrics_summary_and_report(tmp_path, mode):
-    result = train(recipe(tmp_path, f"run.mode={mode}"))
+@pytest.fixture(scope="module", params=["sync", "async"])
+def short_run(request, tmp_path_factory):
+    """One short run per mode, checked by the tests below: (mode, its recipe, its result). It exports every 2
+    steps too, at a learning rate that surely moves the weights."""
+    mode = request.param
+    cfg = recipe(tmp_path_factory.mktemp(f"short_{mode}"), f"run.mode={mode}", "trainer.lr=1e-3",
+                 "checkpoint.export_every=2")
+    return mode, cfg, train(cfg)
+
+
+def test_short_run_writes_config_metrics_summary_and_report(short_run):
+    mode, cfg, result = short_run
     run = result.run_dir
     assert (run / "config.yaml").is_file()
-    assert build(Recipe, str(run / "config.yaml")) == recipe(tmp_path, f"run.mode={mode}")  # reloads as is
+    assert build(Recipe, str(run / "config.yaml")) == cfg  # reloads as is
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     for r in records[1:]:
@@ -54,6 +65,28 @@ def test_short_run_writes_config_metrics_summary_and_report(tmp_path, mode):
     assert summary["steps"] == 3 and summary["generated_tokens"] > 0 and summary["mode"] == mode
     assert summary["eval_accuracy_final"] == records[-1]["eval/accuracy"]
     assert (run / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_the_exported_model_scores_the_runs_final_accuracy(short_run, tmp_path):
+    """Every run leaves its trained model: run_dir/model loads in transformers and as the model of a new areal
+    run, whose greedy held-out accuracy is the first run's final accuracy."""
+    from transformers import AutoModelForCausalLM
+
+    _, _, first = short_run
+    model_dir = first.run_dir / "model"
+    assert first.summary["model_dir"] == str(model_dir)
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in model_dir.iterdir()}
+    assert (first.run_dir / "exports" / "step_2" / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    initial = AutoModelForCausalLM.from_pretrained("assets/models/tiny-math", dtype=torch.float32)
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), initial.state_dict().values()))
+
+    again = train(build(Recipe, "recipes/math.yaml", [*SMALL, "run.mode=sync", "trainer.steps=0",
+                                                      f"model.path={model_dir}", f"run.run_dir={tmp_path / 'eval'}"]))
+    assert again.summary["eval_accuracy_initial"] == first.summary["eval_accuracy_final"]
+    assert json.loads((again.run_dir / "summary.json").read_text())["resumed_from_step"] is None
 
 
 def test_a_failing_reward_never_stops_training(tmp_path):
