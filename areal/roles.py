@@ -25,11 +25,11 @@ from areal.role import RoleSpec
 STARTUP_TIMEOUT_S = 900.0  # loading a large model on every worker can take minutes
 
 
-
 def in_step_updates(recipe) -> bool:
     """trainer0 publishes weights after every minibatch too (areal/async_loop.py, step 4): only for data
     generated during a step, so never at eta = 0."""
     return recipe.trainer.publish_every == "minibatch" and recipe.rollout.max_staleness > 0
+
 
 def _recipe(spec: RoleSpec) -> Recipe:
     recipe = from_dict(Recipe, spec.recipe, f"role spec of {spec.name}")
@@ -116,6 +116,8 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
         for _ in engine.named_weights():
             pass
 
+    in_step = gather if gathers and in_step_updates(recipe) else None
+
     try:
         while True:
             msg = _wait_for(endpoint, (TrainStep, ExportModel, SaveCheckpoint), None, "training step")
@@ -125,7 +127,6 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
                 endpoint.send("trainer0", ShardSaved(msg.step, spec.rank, engine.checkpoint_state()[1]))
                 session.save(msg.step, {}, wait=msg.wait)
             else:
-                in_step = gather if gathers and in_step_updates(recipe) else None
                 engine.train_step(build_batch(msg.groups, None, tokenizer.pad_token_id), after_update=in_step)
                 if gathers:
                     gather()

@@ -31,12 +31,12 @@ after the trainer's new version for
 
 so that it is generated with weights updated during the step and arrives as the step ends. A held
 batch that still came late shortens the holds that follow (by the trainer's wait, at most that
-hold, given back 10% a calm step) instead of raising the lead: a version more of lead would cost far more freshness than a
-few milliseconds less of hold. Without in-step weights nothing changes within a step, and admission
-is never held.
+hold, given back 10% a calm step) instead of raising the lead: a version more of lead would cost
+far more freshness than a few milliseconds less of hold. Without in-step weights nothing changes
+within a step, and admission is never held.
 
-Only the lead and the hold move. The admission rule itself, and its η bound, stay in areal/buffer/staleness.py
-(`StalenessController.set_lead`).
+Only the lead and the hold move. The admission rule itself, and its η bound, stay in
+areal/buffer/staleness.py (`StalenessController.set_lead`).
 """
 
 from __future__ import annotations

@@ -12,10 +12,12 @@ control message and the buckets. Two snapshot buffers: one being sent, one pendi
 Latest version wins: if a publish arrives while the previous one is still being sent, it becomes the
 pending snapshot; a further publish before that pending one has started overwrites it (the older
 version is never sent; counted in `coalesced`). An update already on the wire is always completed, so
-receivers only ever see whole versions, in increasing order. A version may be published more than once:
-with in-step updates (`trainer.publish_every=minibatch`) the weights after each minibatch of the step
-towards v + 1 go out labelled v, the last whole version they contain; the newest of them still wins. The trainer therefore never waits for a
+receivers only ever see whole versions, in increasing order. The trainer therefore never waits for a
 slow rollout worker, and rollout workers skip versions rather than fall behind.
+
+A version may be published more than once: with in-step updates (`trainer.publish_every=minibatch`)
+the weights after each minibatch of the step towards v + 1 go out labelled v, the last whole version
+they contain; the newest of them still wins.
 """
 
 from __future__ import annotations
