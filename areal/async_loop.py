@@ -57,7 +57,7 @@ from areal.buffer.freshness import FreshnessPacer
 from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
-from areal.messages import (EvalRequest, EvalResult, GroupDone, InFlightGroup, PromptBatch, ResumeGroups, RoleLost,
+from areal.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch, ResumeGroups, RoleLost,
                             ShardSaved, SnapshotRequest, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot,
                             WorkerStats)
 from areal.trainer.batch import build_batch
@@ -196,11 +196,14 @@ class Dispatcher(threading.Thread):
 class RemoteEvaluator:
     """Held-out evaluation on the rollout workers, so the trainer never stops for it: the test prompts
     are split into one shard per live worker, each scored with the weights of the requested step; the
-    Future resolves with the merged result once every shard is in. A lost worker's shards go to another."""
+    Future resolves with the merged result once every shard is in. A lost worker's shards go to another.
+    Until each shard has its own copy of those weights (`EvalStarted`) or is scored, `holds_weights`:
+    in-step weights, labelled with the same version, would change what it scores."""
 
     def __init__(self, fleet: Fleet, prompts, max_new_tokens: int):
         self.fleet, self.prompts, self.max_new_tokens = fleet, prompts, max_new_tokens
-        self._pending: dict[int, tuple[Future, dict[int, dict], dict[int, tuple[int, EvalRequest]]]] = {}
+        # by step: the Future, the shards' results, who was asked for each shard, the shards started on a copy
+        self._pending: dict[int, tuple[Future, dict[int, dict], dict[int, tuple[int, EvalRequest]], set[int]]] = {}
         self._lock = threading.Lock()
 
     def __call__(self, step: int) -> Future:
@@ -209,7 +212,7 @@ class RemoteEvaluator:
         requests = {i: EvalRequest(step, self.prompts[i::len(live)], self.max_new_tokens, shard=i)
                     for i in range(len(live)) if self.prompts[i::len(live)]}
         with self._lock:
-            self._pending[step] = (future, {}, {i: (live[i], r) for i, r in requests.items()})
+            self._pending[step] = (future, {}, {i: (live[i], r) for i, r in requests.items()}, set())
         for i, request in requests.items():
             self.fleet.send(live[i], request)
         return future
@@ -220,13 +223,25 @@ class RemoteEvaluator:
         with self._lock:
             return bool(self._pending)
 
+    @property
+    def holds_weights(self) -> bool:
+        """Some shard asked for is neither started on a copy of its weights nor scored."""
+        with self._lock:
+            return any(set(asked) - set(parts) - started for _, parts, asked, started in self._pending.values())
+
+    def started(self, msg: EvalStarted) -> None:
+        """A worker evaluates its shard on its own copy of the weights (the Collector calls this)."""
+        with self._lock:
+            if msg.version in self._pending:
+                self._pending[msg.version][3].add(msg.shard)
+
     def deliver(self, result: dict) -> None:
         """A worker's shard result (the Collector calls this); a shard answered twice counts once."""
         with self._lock:
             step, shard = result["eval/step"], result.get("eval/shard", 0)
             if step not in self._pending:
                 return
-            future, parts, asked = self._pending[step]
+            future, parts, asked, _ = self._pending[step]
             parts[shard] = result
             if len(parts) < len(asked):
                 return
@@ -243,11 +258,12 @@ class RemoteEvaluator:
 
     def _reassign(self, orphaned) -> None:
         with self._lock:
-            for future, parts, asked in self._pending.values():
+            for future, parts, asked, started in self._pending.values():
                 for shard, (owner, request) in list(asked.items()):
                     if orphaned(owner) and shard not in parts:
                         other = self.fleet.next_rank()
                         asked[shard] = (other, request)
+                        started.discard(shard)
                         if other is not None:
                             self.fleet.send(other, request)
 
@@ -323,6 +339,8 @@ class Collector(threading.Thread):
                 cut.in_flight.extend(msg.groups)
                 cut.rng[str(rank)] = msg.rng_state
                 self._finish_cut_if_done()
+        elif isinstance(msg, EvalStarted):
+            self.evaluator.started(msg)
         elif isinstance(msg, EvalResult):
             self.evaluator.deliver(msg.result)
         elif isinstance(msg, WorkerStats):
@@ -409,11 +427,11 @@ class AsyncLoop:
 
     def _in_step_update(self, _update: int) -> None:
         """After a minibatch (`in_step_updates`): the weights so far, labelled with the last
-        whole version, so the next batch is generated fresher. Not while an evaluation is due: it scores
-        the whole version it asked for."""
+        whole version, so the next batch is generated fresher. Not while an evaluation still needs the
+        workers' weights to stay put: it scores the whole version it asked for."""
         p = self.parts
         weights = p.engine.named_weights()  # under ZeRO-3 a gather the other ranks join (areal/roles.py)
-        if p.collector.evaluator.pending:
+        if p.collector.evaluator.holds_weights:
             for _ in weights:
                 pass
         else:

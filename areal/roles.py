@@ -290,7 +290,7 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
     from areal.rollout.weight_receiver import WeightReceiver
     from areal.rollout.worker import RolloutWorker
     from areal.runtime import pick_device
-    from areal.setup import make_backend, make_reward_pool, sampling_params
+    from areal.setup import make_backend, make_eval_engine, make_reward_pool, sampling_params
     from areal.transport import DistReceiver
 
     # pre-emption is the trainer's to handle (it checkpoints, then the controller stops everyone):
@@ -298,9 +298,14 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     recipe = _recipe(spec)
+    ro = recipe.rollout
     device = pick_device(recipe.run.device)
     tokenizer = load_tokenizer(recipe.model)
-    backend = make_backend(recipe, load_model(recipe.model, device), tokenizer, version=-1)
+    model = load_model(recipe.model, device)
+    backend = make_backend(recipe, model, tokenizer, version=-1)
+    # evaluation on its own engine (rollout.eval_engine): it gets a copy of the weights it scores
+    eval_backend = make_eval_engine(recipe, model, tokenizer) if ro.eval_engine and ro.backend == "engine" else None
+    del model  # each engine holds its own copy
 
     class Inbox:  # serve() reads messages
         @staticmethod
@@ -320,7 +325,8 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
             endpoint.send("trainer0", msg)
 
     with make_reward_pool(recipe) as pool:
-        worker = RolloutWorker(backend, pool, tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
+        worker = RolloutWorker(backend, pool, tokenizer, sampling_params(recipe), base_seed=recipe.run.seed,
+                               eval_backend=eval_backend)
 
         def on_control(msg) -> None:
             if isinstance(msg, WeightGroup):  # the group re-formed (a worker died or joined): leave the old one

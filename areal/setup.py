@@ -101,6 +101,16 @@ def sampling_params(recipe: Recipe) -> SamplingParams:
                           top_p=ro.top_p, top_k=ro.top_k, stop=list(ro.stop))
 
 
+def make_eval_engine(recipe: Recipe, model, tokenizer):
+    """The second engine a rollout worker evaluates on (rollout.eval_engine). Its steps are smaller than
+    the training engine's, so a training batch admitted during an evaluation waits less for one to end."""
+    from areal.rollout import Engine
+
+    ro = recipe.rollout
+    return Engine(model, tokenizer=tokenizer, max_num_seqs=max(1, ro.batch_size // 2), max_num_batched_tokens=2048,
+                  version=-1, num_blocks=ro.kv_blocks, block_size=ro.kv_block_size)
+
+
 def make_backend(recipe: Recipe, model, tokenizer, version: int = 0):
     """The rollout backend over `model` (the engine copies it; HF generate uses it in place)."""
     if recipe.rollout.backend == "engine":

@@ -22,6 +22,13 @@ class RolloutConfig:
     max_new_tokens: int = option(8, "Longest completion sampled for training.")
     eval_max_new_tokens: int = option(8, "Longest greedy completion during evaluation.")
     stop: list[str] = option([], "Extra stop strings (the model's EOS always stops).")
+    eval_engine: bool = option(
+        True,
+        "Async, engine: each rollout worker evaluates on a second engine holding a copy of the weights it "
+        "scores (one more copy of the model and KV pool per worker), so training generation takes newer "
+        "weights meanwhile and the trainer does not wait after an evaluation. false: evaluate on the "
+        "worker's engine, which then holds its weights until the evaluation is scored.",
+    )
     weight_update_mode: str = option(
         "keep",
         "What in-flight sequences do when new weights arrive: 'keep' their KV cache, or "

@@ -226,6 +226,11 @@ class Engine:
                 self.load_bucket([item])
         self.finish_update(version, mode)
 
+    def copy_weights_from(self, other: "Engine") -> None:
+        """Take `other`'s weights and version (an engine of the same model, e.g. one that evaluates a
+        version while `other` moves on to newer weights)."""
+        self.update_weights(other.version, list(other.runner._params.items()))
+
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[tuple[int, GenerationOutput]]:
         """Schedule, run one forward, sample; returns the (request_id, output) pairs finished now."""

@@ -28,6 +28,9 @@ from areal.trajectory import Group, Trajectory
 
 log = logging.getLogger("areal.rollout")
 _RESERVED = ("prompt", "completion")  # positional names of the reward signature
+# training groups step first; an evaluation on its own engine takes the steps they leave, and while they
+# leave none, one step in EVAL_SHARE, so it still finishes when generation never pauses
+EVAL_SHARE = 8
 
 
 @dataclass
@@ -167,6 +170,15 @@ class GroupDone:
 
 
 @dataclass
+class EvalStarted:
+    """Outbox: the shard `shard` of the evaluation of `version` runs on its own copy of the weights, so
+    weights newer than those it scores may come (with no copy, the EvalResult says so)."""
+
+    version: int
+    shard: int
+
+
+@dataclass
 class EvalResult:
     """Outbox: this worker's shard of a held-out evaluation (areal.evaluate metrics plus eval/step)."""
 
@@ -206,10 +218,13 @@ class _Running:
 
 @dataclass
 class _Evaluating:
-    """A held-out evaluation generating on the engine beside the training groups; the worker applies
-    no weight update until it is scored, so every evaluated token comes from one version."""
+    """A held-out evaluation generating on `engine`: the worker's evaluation engine, holding a copy of
+    the weights it scores, or (with none) the worker's own engine beside the training groups, which
+    then applies no weight update until it is scored. Either way every evaluated token comes from
+    one version."""
 
     request: EvalRequest
+    engine: Any
     started: float  # perf_counter
     outputs: dict[int, GenerationOutput] = field(default_factory=dict)  # by prompt position
 
@@ -248,8 +263,13 @@ def group_seed(base_seed: int, group_id: int) -> int:
 
 
 class RolloutWorker:
-    def __init__(self, backend, reward_pool, tokenizer, params: SamplingParams, base_seed: int = 0):
+    """`eval_backend`: a second engine of the same model that held-out evaluations run on, with a copy
+    of the weights they score, so training generation takes newer weights meanwhile and the trainer
+    never waits for a batch an evaluation held back (None: evaluations run on `backend`)."""
+
+    def __init__(self, backend, reward_pool, tokenizer, params: SamplingParams, base_seed: int = 0, eval_backend=None):
         self.backend, self.reward_pool, self.tokenizer = backend, reward_pool, tokenizer
+        self.eval_backend = eval_backend
         self.params, self.base_seed = params, base_seed
         self.streaming = hasattr(backend, "add_request")
         self.receiver = None  # a rollout.weight_receiver.WeightReceiver; serve() applies its updates
@@ -329,16 +349,20 @@ class RolloutWorker:
         return self._eval_result(request, result)
 
     def _start_eval(self, request: EvalRequest) -> _Evaluating:
-        """Queue an evaluation's prompts on the streaming engine, where they decode in the same batches
-        as training groups: the groups admitted meanwhile keep flowing to the trainer (a blocking
-        evaluation stalled them, and the trainer waited for its next batch after every evaluation)."""
+        """Queue an evaluation's prompts on a streaming engine, never blocking: the groups admitted
+        meanwhile keep flowing to the trainer (a blocking evaluation stalled them, and the trainer
+        waited for its next batch after every evaluation). On the evaluation engine, with a copy of the
+        current weights, when the worker has one; else on its own engine, in the same batches."""
         from areal.evaluate import eval_params
 
-        evaluating = _Evaluating(request, time.perf_counter())
+        engine = self.eval_backend or self.backend
+        if engine is not self.backend:
+            engine.copy_weights_from(self.backend)
+        evaluating = _Evaluating(request, engine, time.perf_counter())
         params = eval_params(request.max_new_tokens)
         for i, prompt in enumerate(request.prompts):
-            self.backend.add_request(prompt.token_ids, params, prompt_index=i,
-                                     on_finish=lambda _rid, out, i=i: evaluating.outputs.__setitem__(i, out))
+            engine.add_request(prompt.token_ids, params, prompt_index=i,
+                               on_finish=lambda _rid, out, i=i: evaluating.outputs.__setitem__(i, out))
         return evaluating
 
     def _finish_eval(self, evaluating: _Evaluating) -> dict:
@@ -346,10 +370,11 @@ class RolloutWorker:
 
         outputs = [evaluating.outputs[i] for i in range(len(evaluating.request.prompts))]
         result = score(self.reward_pool, self.tokenizer, evaluating.request.prompts, outputs, evaluating.started)
-        return self._eval_result(evaluating.request, result)
+        return self._eval_result(evaluating.request, result, evaluating.engine.version)
 
-    def _eval_result(self, request: EvalRequest, result: dict) -> dict:
-        return {**result, "eval/step": request.version, "eval/version": self.backend.version, "eval/shard": request.shard}
+    def _eval_result(self, request: EvalRequest, result: dict, version: int | None = None) -> dict:
+        version = self.backend.version if version is None else version
+        return {**result, "eval/step": request.version, "eval/version": version, "eval/shard": request.shard}
 
     def _snapshot(self, step: int, in_flight, pending) -> WorkerSnapshot:
         """Every admitted group not yet shipped, as of now (reads only: generation goes on untouched)."""
@@ -368,7 +393,7 @@ class RolloutWorker:
         inbox.get(timeout) / get_nowait() yield `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and
         `ResumeGroups`, and finally None (stop once every admitted group has shipped); anything else goes
         to `on_control` (a new weight group, which swaps `self.receiver`). outbox.put() receives
-        `GroupDone`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
+        `GroupDone`, `EvalStarted`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
         are applied between two engine steps; nothing here blocks for long, so control messages are
         always read (an evaluation waiting for newer weights waits in `evals`, not in a call).
         """
@@ -377,11 +402,18 @@ class RolloutWorker:
         engine = self.backend
         pending: deque[InFlightGroup] = deque()  # admitted, waiting for weights of their min_version
         evals: deque[EvalRequest] = deque()  # waiting for weights of their version
-        evaluating: _Evaluating | None = None  # the one on the engine now: weights are held until it is scored
+        evaluating: _Evaluating | None = None  # the one generating now
         in_flight: dict[int, _Running] = {}  # started, by group id, in start order
         done: list[int] = []
         stopping, pause_s, updates, last_stats = False, 0.0, 0, time.perf_counter()
         busy_s, idle_s = 0.0, 0.0
+        train_steps_in_a_row = 0  # engine steps taken while an evaluation on its own engine waited
+
+        def holds_weights() -> bool:  # an evaluation on this engine: no update until it is scored
+            return evaluating is not None and evaluating.engine is engine
+
+        def evaluation_busy() -> bool:  # an evaluation on its own engine, still generating
+            return evaluating is not None and evaluating.engine is not engine and evaluating.engine.has_unfinished()
 
         def take(update) -> None:  # apply a received update between two engine steps, and count it
             nonlocal pause_s, updates
@@ -414,9 +446,9 @@ class RolloutWorker:
         while not (stopping and not pending and not in_flight and not evals and evaluating is None):
             t0 = time.perf_counter()
             receiver = self.receiver
-            if receiver is not None and evaluating is None:
+            if receiver is not None and not holds_weights():
                 receive(receiver, receiver.poll)
-            idle = not (self.streaming and engine.has_unfinished())
+            idle = not (self.streaming and (engine.has_unfinished() or evaluation_busy()))
             try:
                 # nothing to step: wait a little for a message (admitted groups waiting for weights need no hot loop)
                 msg = inbox.get(timeout=0.02) if idle else inbox.get_nowait()
@@ -436,7 +468,7 @@ class RolloutWorker:
                 on_control(msg)
             receiver = self.receiver  # on_control may have just replaced it
             wanted = min([e.version for e in evals] + ([pending[0].min_version] if pending else []), default=None)
-            if wanted is not None and wanted > engine.version and idle and receiver is not None and evaluating is None:
+            if wanted is not None and wanted > engine.version and idle and receiver is not None and not holds_weights():
                 try:  # eta=0, a fast worker or an evaluation: waiting for weights not yet here
                     receive(receiver, lambda: receiver.wait_for(wanted, timeout=0.05))
                 except TimeoutError:
@@ -457,10 +489,16 @@ class RolloutWorker:
             if evaluating is None and evals and evals[0].version <= engine.version:  # after the ready groups
                 if self.streaming:
                     evaluating = self._start_eval(evals.popleft())
+                    if evaluating.engine is not engine:  # the trainer may send newer weights (even within a step)
+                        outbox.put(EvalStarted(evaluating.request.version, evaluating.request.shard))
                 else:
                     outbox.put(EvalResult(self.evaluate(evals.popleft())))
-            if self.streaming and engine.has_unfinished():
+            if evaluation_busy() and (train_steps_in_a_row >= EVAL_SHARE or not engine.has_unfinished()):
+                evaluating.engine.step()
+                train_steps_in_a_row = 0
+            elif self.streaming and engine.has_unfinished():
                 engine.step()
+                train_steps_in_a_row += evaluation_busy()
             for g in done:
                 ship(g)
             done.clear()

@@ -4,7 +4,7 @@ import pytest
 
 from areal.async_loop import Fleet, RemoteEvaluator
 from areal.evaluate import merge_eval_results
-from areal.rollout.worker import EvalRequest
+from areal.rollout.worker import EvalRequest, EvalStarted
 
 
 def shard_result(step, n, accuracy, seconds):
@@ -85,3 +85,25 @@ def test_a_lost_workers_shard_goes_to_a_live_worker():
     assert isinstance(resent, EvalRequest) and resent.shard == 1 and resent.prompts == list("bd")
     evaluator.deliver(shard_of(shard_result(5, 2, 0.0, 0.1), 1))
     assert future.result(timeout=1)["eval/accuracy"] == 0.5
+
+
+def test_weights_stay_put_until_every_shard_runs_on_its_own_copy_or_is_scored():
+    """`holds_weights` (no in-step weights meanwhile): from the request until each shard has said
+    EvalStarted or answered; a shard moved to another worker holds them again until it starts there."""
+    fleet, _ = fleet_of(2)
+    evaluator = RemoteEvaluator(fleet, prompts=list("abcd"), max_new_tokens=4)
+    assert not evaluator.holds_weights
+    future = evaluator(5)
+    assert evaluator.holds_weights
+    evaluator.started(EvalStarted(5, 0))
+    evaluator.started(EvalStarted(4, 1))  # another step's: changes nothing
+    assert evaluator.holds_weights  # shard 1 evaluates on its worker's own engine
+    evaluator.deliver(shard_of(shard_result(5, 2, 1.0, 0.1), 1))
+    assert not evaluator.holds_weights and evaluator.pending  # shard 0 still running, on a copy
+    fleet.lose(0)
+    evaluator.lose(0)  # shard 0 goes to rollout1, which has not copied version 5's weights
+    assert evaluator.holds_weights
+    evaluator.started(EvalStarted(5, 0))
+    assert not evaluator.holds_weights
+    evaluator.deliver(shard_of(shard_result(5, 2, 0.0, 0.1), 0))
+    assert future.result(timeout=1)["eval/accuracy"] == 0.5 and not evaluator.pending

@@ -16,7 +16,9 @@ import torch
 from areal.rollout import Engine, GenerationOutput, SamplingParams
 from areal.rollout.types import PartialSample
 from areal.rollout.worker import (
+    EvalRequest,
     EvalResult,
+    EvalStarted,
     GroupDone,
     InFlightGroup,
     Prompt,
@@ -101,7 +103,7 @@ def make_worker(model, pool, tokenizer, version=0, backend="engine"):
     return RolloutWorker(engine, pool, tokenizer, PARAMS, base_seed=11)
 
 
-KINDS = {GroupDone: "group", WorkerSnapshot: "snapshot", EvalResult: "eval"}
+KINDS = {GroupDone: "group", WorkerSnapshot: "snapshot", EvalStarted: "eval started", EvalResult: "eval"}
 
 
 def serve(worker, inbox, receiver=None) -> list[tuple[str, object]]:
@@ -258,8 +260,6 @@ def test_an_evaluation_decodes_beside_training_groups_and_scores_as_a_blocking_o
     """A group admitted before an evaluation ships while the evaluation is still decoding (a blocking
     evaluation held it back until the evaluation was scored, and the trainer waited for it); the
     evaluation's result is the blocking evaluation's."""
-    from areal.rollout.worker import EvalRequest
-
     request = EvalRequest(0, prompts * 7, max_new_tokens=8)  # 42 prompts: ~42 prefill steps at 32 tokens/step
     worker = make_worker(model, pool, tokenizer)
     out = serve(worker, ScriptedInbox([PromptBatch(0, [1], [prompts[0]]), request, None]))
@@ -268,3 +268,27 @@ def test_an_evaluation_decodes_beside_training_groups_and_scores_as_a_blocking_o
     blocking = make_worker(model, pool, tokenizer).evaluate(request)
     for key in ("eval/accuracy", "eval/num_prompts", "eval/response_length", "eval/step", "eval/version"):
         assert streamed[key] == blocking[key], key
+
+
+def test_an_evaluation_on_its_own_engine_scores_its_version_while_training_takes_newer_weights(model, pool, tokenizer,
+                                                                                             prompts):
+    """With an evaluation engine, weights of version 1 that arrive while version 0 is being evaluated are
+    applied at once: a group admitted for version 1 is generated with them and ships first, and the
+    evaluation still scores version 0 exactly (the blocking evaluation's result). `EvalStarted` tells
+    the trainer it may send newer weights."""
+    request = EvalRequest(0, prompts * 7, max_new_tokens=8)
+    worker = make_worker(model, pool, tokenizer)
+    worker.eval_backend = Engine(model, num_blocks=128, block_size=8, max_num_batched_tokens=32, tokenizer=tokenizer,
+                                 version=-1)
+    gate = Gate(model)
+    gate.update.weights = {n: t * 0.5 for n, t in gate.update.weights.items()}  # version 1 is another model
+    script = GatedInbox([request, EMPTY, gate.open, PromptBatch(1, [3], [prompts[1]]), None])
+    out = serve(worker, script, receiver=gate)
+    assert [kind for kind, _ in out] == ["eval started", "group", "eval"]
+    assert (out[0][1].version, out[0][1].shard) == (0, 0)
+    assert all(t.versions == [1] * len(t.completion_ids) for t in out[1][1].trajectories)
+    scored = out[2][1].result
+    blocking = make_worker(model, pool, tokenizer).evaluate(request)
+    assert scored["eval/version"] == 0 and worker.backend.version == 1
+    for key in ("eval/accuracy", "eval/num_prompts", "eval/response_length", "eval/step"):
+        assert scored[key] == blocking[key], key
