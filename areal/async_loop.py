@@ -58,7 +58,7 @@ from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
 from areal.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch, ResumeGroups, RoleLost,
-                            ShardSaved, SnapshotRequest, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot,
+                            ShardSaved, SnapshotRequest, Stop, TrainStep, WeightGroup, WorkerReady, WorkerSnapshot,
                             WorkerStats)
 from areal.trainer.batch import build_batch
 from areal.trajectory import Group
@@ -248,6 +248,13 @@ class RemoteEvaluator:
             del self._pending[step]
         future.set_result(merge_eval_results(list(parts.values())))
 
+    def close(self) -> None:
+        """The run is stopping: every evaluation still pending fails, so nothing waits for it."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for step, (future, *_) in pending.items():
+            future.set_exception(RuntimeError(f"the run stopped before the evaluation of step {step} was scored"))
+
     def lose(self, rank: int) -> None:
         """Shards `rank` had not answered go to another live worker (or to the next one that joins)."""
         self._reassign(lambda owner: owner == rank)
@@ -282,7 +289,10 @@ class _Cut:
 
 class Collector(threading.Thread):
     """Reads trainer0's inbox: finished groups into the buffer (once each), evaluation shards to the
-    evaluator, worker stats, workers joining and lost; records the rollout side of a checkpoint cut."""
+    evaluator, worker stats, workers joining and lost; records the rollout side of a checkpoint cut.
+    The controller's `Stop` (the run failed elsewhere, e.g. every rollout worker is gone) closes the
+    buffer and fails pending evaluations, so a trainer waiting for either ends instead of waiting out
+    the controller's grace."""
 
     def __init__(self, endpoint, buffer: TrajectoryBuffer, fleet: Fleet, dispatcher: Dispatcher,
                  evaluator: RemoteEvaluator, on_membership, on_shard_saved=None):
@@ -350,6 +360,9 @@ class Collector(threading.Thread):
             self.on_membership()
             self.dispatcher.reissue([])  # what waited for a worker
             self.evaluator.adopt()
+        elif isinstance(msg, Stop):
+            self.buffer.close()
+            self.evaluator.close()
         elif isinstance(msg, ShardSaved) and self.on_shard_saved is not None:
             self.on_shard_saved(msg)
         elif isinstance(msg, RoleLost) and msg.role.startswith("rollout"):

@@ -239,6 +239,8 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
                 missing = sorted(set(range(ro.num_workers)) - set(fleet.live))
                 raise TimeoutError(f"rollout workers {missing} did not start within {STARTUP_TIMEOUT_S:.0f} s") from None
             continue
+        if isinstance(got.msg, Stop):  # the run failed before it began (a worker could not start)
+            raise SystemExit(0)
         collector.handle(got)
     publisher = WeightPublisher(fleet.weight_group())
     collector.start()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from areal.async_loop import Collector, Dispatcher, Fleet, RemoteEvaluator
 from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
 from areal.channel import Received
@@ -99,3 +101,28 @@ def test_a_group_reissued_to_a_second_worker_during_the_cut_is_recorded_once():
     collector.handle(Received("controller", RoleLost("rollout1", "killed", True)))
     cut = done.result(timeout=1)["rollout"]
     assert sorted(g["group_id"] for g in cut["in_flight"]) == [0, 1, 2]
+
+
+def test_the_controllers_stop_ends_a_trainer_waiting_for_a_batch_or_an_evaluation():
+    """Stop (the run failed elsewhere, e.g. its last rollout worker died) closes the buffer and fails the
+    pending evaluation, so trainer0 leaves at once instead of being killed after the controller's grace."""
+    from areal.buffer.trajectory_buffer import BufferClosed
+    from areal.messages import Stop
+
+    fleet, staleness, buffer, dispatcher, collector = _parts()
+    evaluation = collector.evaluator(4)
+    waiting: list[BaseException] = []
+
+    def trainer():
+        try:
+            buffer.get_batch(4, 0)  # no timeout: only a closed buffer ends this wait
+        except BaseException as e:  # noqa: BLE001
+            waiting.append(e)
+
+    thread = threading.Thread(target=trainer, daemon=True)
+    thread.start()
+    collector.handle(Received("controller", Stop("every rollout worker is gone")))
+    thread.join(timeout=5)
+    assert not thread.is_alive() and isinstance(waiting[0], BufferClosed)
+    with pytest.raises(RuntimeError, match="stopped"):
+        evaluation.result(timeout=1)

@@ -218,6 +218,8 @@ class RunStores:
                     value = client.get(key)
                 except Exception:  # deleted since listed (an update's header, freed once every member has it)
                     continue
+                if value == b"" and key.startswith("ctl/") and "/update/" in key:
+                    continue  # deleted between list and get: the store answers a missing key with an empty value
                 if key.startswith(self.JSON_PREFIXES):
                     try:
                         json.loads(value)

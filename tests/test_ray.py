@@ -137,7 +137,9 @@ def test_ctrl_c_stops_every_actor_and_the_private_ray(netns, tmp_path):
     driver = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "areal.train", "recipe=math", "launcher.type=ray",
          *TINY, "trainer.steps=400", f"run.run_dir={run_dir}"],
-        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # a shell's background job (`cmd &`) starts with SIGINT ignored, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
         time.sleep(0.5)

@@ -107,3 +107,17 @@ def test_weights_stay_put_until_every_shard_runs_on_its_own_copy_or_is_scored():
     assert not evaluator.holds_weights
     evaluator.deliver(shard_of(shard_result(5, 2, 0.0, 0.1), 0))
     assert future.result(timeout=1)["eval/accuracy"] == 0.5 and not evaluator.pending
+
+
+def test_a_stopped_run_fails_the_evaluations_still_pending():
+    """The controller's Stop (a run that failed elsewhere) must not leave trainer0 waiting for a shard
+    no worker will score (the Collector calls close())."""
+    fleet, _ = fleet_of(1)
+    evaluator = RemoteEvaluator(fleet, prompts=list("ab"), max_new_tokens=4)
+    future = evaluator(8)
+    fleet.lose(0)
+    evaluator.lose(0)  # no live worker: the shard waits for one to join
+    evaluator.close()
+    with pytest.raises(RuntimeError, match="evaluation of step 8"):
+        future.result(timeout=1)
+    assert not evaluator.pending and not evaluator.holds_weights

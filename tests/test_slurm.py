@@ -200,7 +200,9 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_and_ctrl_c_only_detach
     run_dir, steps = tmp_path / "pre", 50
     follower = subprocess.Popen([sys.executable, "-m", "areal.train", "recipe=math",
                                  *submit_args(tmp_path, "pre", f"trainer.steps={steps}", f"run.eval_every={steps}")],
-                                cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                # a shell's background job (`cmd &`) starts with SIGINT ignored; children inherit it
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     training_started(run_dir, follower)
     job_id = subprocess.run(["squeue", "-h", "-n", "pre", "-o", "%i"], capture_output=True, text=True).stdout.strip()
     # what Slurm sends the batch shell signal_before_s before the time limit
