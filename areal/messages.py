@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from areal.channel import message
-from areal.rollout.worker import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch, ResumeGroups,
-                                  SnapshotRequest, WeightGroup, WorkerSnapshot, WorkerStats)
+from areal.rollout.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch,
+                                    ResumeGroups, SnapshotRequest, WeightGroup, WorkerSnapshot, WorkerStats)
 from areal.trajectory import Group
 
 
@@ -92,7 +92,7 @@ class WorkerReady:
     incarnation: int = 0  # 0 for the first process of this rank, +1 per restart
 
 
-# the rollout worker's own protocol, defined beside it (rollout/worker.py)
+# the rollout worker's own protocol, defined beside it (rollout/messages.py)
 for _cls in (PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, WeightGroup, GroupDone, EvalStarted, EvalResult,
              WorkerStats, WorkerSnapshot):
     message(_cls)

@@ -22,8 +22,9 @@ from areal.hub import check_hub_names
 from areal.model import check_model_path, check_model_weights, load_model, load_model_config, load_tokenizer
 from areal.recipe import Recipe
 from areal.rewards import RewardPool, load_reward_fn
+from areal.rollout.messages import Prompt
 from areal.rollout.types import SamplingParams
-from areal.rollout.worker import Prompt, reward_fields
+from areal.rollout.worker import reward_fields
 from areal.runtime import pick_device, seed_everything
 from areal.trainer.engine import TrainEngine
 

@@ -11,7 +11,7 @@ from areal.async_loop import Collector, Dispatcher, Fleet, RemoteEvaluator
 from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
 from areal.channel import Received
 from areal.messages import GroupDone, InFlightGroup, PromptBatch, RoleLost, WorkerSnapshot
-from areal.rollout.worker import Prompt
+from areal.rollout.messages import Prompt
 from buffer_helpers import make_group
 
 

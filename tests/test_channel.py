@@ -14,7 +14,7 @@ import zmq
 
 from areal.channel import CONTROLLER, Endpoint, Hub, _mac, new_secret
 from areal.messages import GroupDone, Hello, PromptBatch, RoleError, Stop
-from areal.rollout.worker import Prompt
+from areal.rollout.messages import Prompt
 from areal.trajectory import Group, Trajectory
 from channel_helpers import recv_type
 

@@ -4,7 +4,7 @@ import pytest
 
 from areal.async_loop import Fleet, RemoteEvaluator
 from areal.evaluate import merge_eval_results
-from areal.rollout.worker import EvalRequest, EvalStarted
+from areal.rollout.messages import EvalRequest, EvalStarted
 
 
 def shard_result(step, n, accuracy, seconds):

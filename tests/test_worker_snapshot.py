@@ -15,7 +15,7 @@ import torch
 
 from areal.rollout import Engine, GenerationOutput, SamplingParams
 from areal.rollout.types import PartialSample
-from areal.rollout.worker import (
+from areal.rollout.messages import (
     EvalRequest,
     EvalResult,
     EvalStarted,
@@ -24,12 +24,11 @@ from areal.rollout.worker import (
     Prompt,
     PromptBatch,
     ResumeGroups,
-    RolloutWorker,
     SnapshotRequest,
     WorkerSnapshot,
     WorkerStats,
-    reward_fields,
 )
+from areal.rollout.worker import RolloutWorker, reward_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "assets" / "models" / "tiny-math")
