@@ -164,7 +164,8 @@ class ShardMetas:
 
 def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     """Rank 0: build the parts (restoring a checkpoint's cut), wait for the workers, drive the loop."""
-    from areal.async_loop import AsyncLoop, AsyncParts, Collector, Dispatcher, Fleet, RemoteEvaluator
+    from areal.async_loop import AsyncLoop, AsyncParts
+    from areal.fleet import Collector, Dispatcher, Fleet, RemoteEvaluator
     from areal.buffer.freshness import FreshnessPacer
     from areal.buffer.staleness import StalenessController
     from areal.buffer.trajectory_buffer import TrajectoryBuffer

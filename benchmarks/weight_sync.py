@@ -230,7 +230,7 @@ def _summary(xs, digits: int = 5) -> dict:
 
 def run_channel(model_name: str, counts: list[int], updates: int, poll_s: float, seed: int = 0) -> dict[int, dict]:
     """Start max(counts) workers once; for each N, form the weight group over the first N and publish."""
-    from areal.async_loop import Fleet
+    from areal.fleet import Fleet
     from areal.channel import Endpoint, Hub, new_secret
     from areal.messages import Stop, WorkerReady, WorkerStats
     from areal.trainer.weight_publisher import WeightPublisher

@@ -28,7 +28,7 @@ the amount of off-policy data); strict mode turns it into a hard per-token guara
 
 Processes: the buffer lives in the trainer process, next to the controller (admission is
 decided there). Rollout worker processes send finished groups over a queue, and the trainer's
-collector thread (`areal.async_loop.Collector`) `put`s them.
+collector thread (`areal.fleet.Collector`) `put`s them.
 """
 
 from __future__ import annotations

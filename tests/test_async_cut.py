@@ -1,4 +1,4 @@
-"""A checkpoint's cut on trainer0 (areal/async_loop.py), message by message: what a worker lost while
+"""A checkpoint's cut on trainer0 (areal/async_loop.py, areal/fleet.py), message by message: what a worker lost while
 its snapshot is awaited contributes, and what it must not (prompts handed to it after the cut)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from areal.async_loop import Collector, Dispatcher, Fleet, RemoteEvaluator
+from areal.fleet import Collector, Dispatcher, Fleet, RemoteEvaluator
 from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
 from areal.channel import Received
 from areal.messages import GroupDone, InFlightGroup, PromptBatch, RoleLost, WorkerSnapshot

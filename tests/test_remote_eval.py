@@ -2,7 +2,7 @@
 
 import pytest
 
-from areal.async_loop import Fleet, RemoteEvaluator
+from areal.fleet import Fleet, RemoteEvaluator
 from areal.evaluate import merge_eval_results
 from areal.rollout.messages import EvalRequest, EvalStarted
 
