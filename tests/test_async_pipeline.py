@@ -80,7 +80,9 @@ def test_ctrl_c_stops_every_role_and_leaves_no_process_behind(tmp_path):
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
+    from pathlib import Path
 
     run_dir = tmp_path / "interrupted"
     proc = subprocess.Popen(
@@ -101,6 +103,9 @@ def test_ctrl_c_stops_every_role_and_leaves_no_process_behind(tmp_path):
     assert proc.returncode == 130, err
     time.sleep(1.0)
     assert _session_members(proc.pid) == [], "processes survived Ctrl-C"
+    from areal.launchers.local import SPEC_DIR_PREFIX
+
+    assert not list(Path(tempfile.gettempdir()).glob(f"{SPEC_DIR_PREFIX}{proc.pid}-*")), "the roles' specs were left"
 
 
 @pytest.mark.slow

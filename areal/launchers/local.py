@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,10 @@ class LocalLauncher(Launcher):
         process = subprocess.Popen([sys.executable, "-m", "areal.role", str(path)], env=env)
         spec.secret = secret
         return LocalHandle(spec.name, process)
+
+    def close(self) -> None:
+        """The roles are stopped: their specs go (one folder per run was left in /tmp before)."""
+        shutil.rmtree(self.spec_dir, ignore_errors=True)
 
 
 def role_pids(controller_pid: int, name: str) -> list[int]:
