@@ -104,12 +104,17 @@ def sampling_params(recipe: Recipe) -> SamplingParams:
 
 def make_eval_engine(recipe: Recipe, model, tokenizer):
     """The second engine a rollout worker evaluates on (rollout.eval_engine). Its steps are smaller than
-    the training engine's, so a training batch admitted during an evaluation waits less for one to end."""
+    the training engine's, so a training batch admitted during an evaluation waits less for one to end,
+    and its KV pool is at most a quarter of the training engine's (at least one longest sequence): an
+    evaluation only has the steps training leaves, and more sequences than fit just wait their turn."""
     from areal.rollout import Engine
 
     ro = recipe.rollout
-    return Engine(model, tokenizer=tokenizer, max_num_seqs=max(1, ro.batch_size // 2), max_num_batched_tokens=2048,
-                  version=-1, num_blocks=ro.kv_blocks, block_size=ro.kv_block_size)
+    max_num_seqs = max(1, ro.batch_size // 2)
+    per_sequence = -(-(recipe.data.max_prompt_tokens + ro.eval_max_new_tokens) // ro.kv_block_size)
+    num_blocks = max(per_sequence, min(ro.kv_blocks // 4, per_sequence * max_num_seqs))
+    return Engine(model, tokenizer=tokenizer, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048,
+                  version=-1, num_blocks=num_blocks, block_size=ro.kv_block_size)
 
 
 def make_backend(recipe: Recipe, model, tokenizer, version: int = 0):

@@ -25,7 +25,8 @@ class RolloutConfig:
     eval_engine: bool = option(
         True,
         "Async, engine: each rollout worker evaluates on a second engine holding a copy of the weights it "
-        "scores (one more copy of the model and KV pool per worker), so training generation takes newer "
+        "scores (one more copy of the model per worker, and a KV pool of at most a quarter of "
+        "rollout.kv_blocks), so training generation takes newer "
         "weights meanwhile and the trainer does not wait after an evaluation. false: evaluate on the "
         "worker's engine, which then holds its weights until the evaluation is scored.",
     )
