@@ -46,8 +46,18 @@ def test_cost_functions_against_hand_computed_values():
     # one group, prompt 2, completions 1 and 3; shared prompt: tokens 6, attention 4 + (1+4) + (9+12)
     assert costs.packed_tokens([(2, [1, 3])], True) == (6.0, 30.0)
     assert costs.packed_tokens([(2, [1, 3])], False) == (8.0, 34.0)
-    flops = 4 * (2 * p_mm * 6 + 2 * 2 * 4 * 30)
-    assert costs.train_flops(TOY, [(2, [1, 3])], extra_forwards=1) == flops
+    # the head (V·d = 40) runs on the 4 completion targets only; one minibatch packs the prompt once, as the
+    # proximal forward does: 1 + 3 passes of 2·(344 − 40)·6 + 2·40·4 + 2·L·d·30
+    one_pass = 2 * (p_mm - 40) * 6 + 2 * 40 * 4 + 2 * 2 * 4 * 30
+    assert costs.train_flops(TOY, [(2, [1, 3])], extra_forwards=1) == 4 * one_pass
+    # 3 minibatches of 2 sequences: chunks of 1, so each holds one of the two and packs the prompt (T = 2):
+    # the update passes see 2·2 + 4 = 8 tokens, attention 2·4 + (1 + 4) + (9 + 12) = 34
+    assert costs.minibatch_touches(2, 2, 3) == 2.0
+    assert costs.update_tokens([(2, [1, 3])], 3, True) == (8.0, 34.0)
+    assert costs.update_tokens([(2, [1, 3])], 3, False) == costs.packed_tokens([(2, [1, 3])], False)
+    flops = one_pass + 3 * (2 * (p_mm - 40) * 8 + 2 * 40 * 4 + 2 * 2 * 4 * 34)
+    assert costs.train_flops(TOY, [(2, [1, 3])], extra_forwards=1, minibatches=3) == flops
+    assert costs.token_passes([(2, [1, 3])], 1, True, 3) == 6 + 3 * 8
     # 2 devices in one node: ring all-reduce 2·(1/2)·P·2 bytes over 100 B/s
     allreduce = TOY.params * 2 / 100.0
     assert costs.train_time(TOY, UNIT, [(2, [1, 3])], devices=2, minibatches=3, extra_forwards=1) == pytest.approx(
@@ -66,6 +76,25 @@ def test_cost_functions_against_hand_computed_values():
     assert costs.kv_capacity_tokens(TOY, UNIT) == int((1e6 * 0.85 - TOY.params * 2) // 16)
 
 
+def test_minibatch_touches_match_the_trainers_random_split():
+    """T_g: how many of the M minibatches (torch.randperm(S).chunk(M), as TrainEngine draws them) hold a sample of
+    a group of k, against a Monte Carlo of that split."""
+    import torch
+
+    assert costs.minibatch_touches(8, 128, 1) == 1.0
+    assert costs.minibatch_touches(1, 128, 4) == pytest.approx(1.0)  # one sample is in exactly one minibatch
+    assert costs.minibatch_touches(64, 128, 4) == pytest.approx(4.0)  # half the batch reaches every minibatch
+    gen = torch.Generator().manual_seed(0)
+    for k, groups, minibatches in ((8, 16, 4), (8, 8, 2), (3, 5, 4)):
+        S = k * groups
+        draws = []
+        for _ in range(2000):
+            group_of = torch.arange(S) // k
+            chunks = torch.randperm(S, generator=gen).chunk(minibatches)
+            draws.append(sum(int((group_of[chunk] == 0).any()) for chunk in chunks))
+        assert costs.minibatch_touches(k, S, minibatches) == pytest.approx(np.mean(draws), abs=0.05)
+
+
 def test_gpu_profiles_and_tensor_parallel():
     h100 = GPUS["h100"]
     assert h100.train_flops_s == pytest.approx(989e12 * 0.35)
@@ -80,6 +109,12 @@ def test_lognormal_lengths_are_capped_and_have_the_stated_mean():
     assert lens.mean() == pytest.approx(1000, rel=0.02)
     capped = costs.lognormal_lengths(1000, 1500, 0.8, 10_000, np.random.default_rng(0))
     assert capped.max() == 1500 and capped.min() >= 1
+    assert capped.mean() < 960  # the lognormal's own mean is 1000; capping takes some off
+    # a mean measured by a run is of capped lengths: capped_mean keeps it, even with most samples at the cap
+    capped = costs.lognormal_lengths(1000, 1500, 0.8, 100_000, np.random.default_rng(0), capped_mean=True)
+    assert capped.mean() == pytest.approx(1000, rel=0.01) and capped.max() == 1500
+    assert costs.lognormal_lengths(43.7, 48, 0.3, 100_000, np.random.default_rng(0),
+                                   capped_mean=True).mean() == pytest.approx(43.7, rel=0.01)
 
 
 def _toy_workload(**kw) -> Workload:

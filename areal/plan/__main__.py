@@ -98,7 +98,8 @@ def workload_from(recipe, cluster: dict):
                     max_len, float(cluster["sigma"]), minibatches=tr.minibatches, extra_forwards=extra,
                     max_concurrent=ro.max_concurrent, max_seqs_per_server=ro.batch_size,
                     kv_tokens_per_server=ro.kv_blocks * ro.kv_block_size if hw.cores else 0,
-                    admission=ro.admission, share_prompts=tr.share_prompts and tr.packing)
+                    admission=ro.admission, share_prompts=tr.share_prompts and tr.packing,
+                    capped_mean="lengths_from" in cluster)  # a run's mean is of its capped lengths
 
 
 def plan(recipe, cluster: dict) -> dict:

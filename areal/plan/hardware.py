@@ -53,13 +53,15 @@ class Hardware:
     dtype_bytes: int = 2
     decode_step_s: float = DECODE_STEP_S  # fixed cost of one decode step of a server
     decode_seq_s: float = 0.0  # per running sequence per decode step (host-side work)
+    decode_kv_token_s: float = 0.0  # per KV-cache token per decode step, beyond the bytes roofline (host: paged reads)
     train_update_s: float = TRAIN_UPDATE_S  # fixed cost of one optimizer update
-    train_token_s: float = 0.0  # per trained token, beyond its FLOPs (host-side work)
+    train_token_s: float = 0.0  # per token and forward pass (costs.token_passes), beyond its FLOPs (host-side work)
     train_seq_s: float = 0.0  # per trained sequence (host-side work: packing, per-sequence attention)
     reward_s_per_sample: float = 0.0  # reward on the rollout device's host (0: separate CPUs)
     sequence_s: float = 0.0  # per generated sequence, once (host-side: admission, prefill bookkeeping, finishing)
     # the trainer's own compute inside an async run over the same compute alone (> 1 where rollout shares the
-    # trainer's host: its caches and memory bandwidth); measured by the loop calibration, 1 on GPU clusters
+    # trainer's host: its main thread is preempted by the run's other threads and processes); measured by the
+    # loop calibration, 1 on GPU clusters
     async_train_factor: float = 1.0
     # host-side work of areal's loops per group consumed (messages, buffer, batch building), on the
     # trainer's path; 0 on GPU clusters, where it is negligible next to steps of minutes

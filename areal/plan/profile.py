@@ -5,13 +5,19 @@ Two models of the shipped family (Qwen2): assets/models/tiny-math (~0.5M paramet
 random-init configuration, so that fixed costs and per-FLOP costs separate:
 
 * decode: areal's engine (rollout/engine.py) decoding requests of 8 samples with `ignore_eos`, at
-  several running-batch sizes B_s; time per engine step is fitted by least squares as
-      t_step = decode_step_s + B_s · decode_seq_s + 2·P_mm·B_s / infer_flops_s
-  (KV reads are negligible at these sizes, so the decode is compute- and host-bound here);
+  several running-batch sizes B_s, 12 new tokens each, and (shipped model) 64 new tokens; time per
+  engine step is fitted by least squares as
+      t_step = decode_step_s + B_s · decode_seq_s + c · decode_kv_token_s + F_step / infer_flops_s
+  (c: KV-cache tokens of the running sequences at the median step; a CPU pays for every cached token
+  a step reads far beyond its FLOPs, so c needs contexts of two lengths at the same B_s: grown by
+  generation, as a run's are, which costs more per token than a longer prompt does);
 * training: areal's TrainEngine.train_step (decoupled PPO with the proximal recompute) on synthetic
-  groups of 8 samples sharing a 12-token prompt, at several sizes and 1 or 4 minibatches, fitted as
-      t_train = M · train_update_s + S · train_seq_s + tokens · train_token_s + F_train / train_flops_s
-  (M minibatches, S sequences);
+  groups of 8 samples sharing a prompt of 12 or 48 tokens, at several sizes and 1, 2 or 4 minibatches,
+  fitted as
+      t_train = M · train_update_s + S · train_seq_s + token passes · train_token_s + F_train / train_flops_s
+  (M minibatches, S sequences; token passes and F_train count a shared prompt once per minibatch that
+  holds its group, as the trainer packs it: costs.update_tokens). Prompt length and minibatches both
+  vary, since a prompt costs about M + 1 passes where a completion token costs 4;
 * weight sync: Engine.update_weights of the 50M model's tensors, bytes / seconds (the in-process load
   every update ends with; the loopback broadcast of an async run adds its own copy);
 * rewards: the default math reward through a RewardPool of one worker process, per sample.
@@ -19,9 +25,10 @@ random-init configuration, so that fixed costs and per-FLOP costs separate:
   first and last engine steps of the decode runs above, beyond two typical steps;
 * areal's own loops: one short real run each of sync and async (batch 8, 2 minibatches). The sync
   run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips and
-  scheduling, several times the bare call); the async run's trainer compute over the same compute
-  alone is `async_train_factor` (a rollout worker on the other core shares caches and memory
-  bandwidth); step time beyond what the phases predict is charged per group consumed
+  scheduling, several times the bare call); the async run's trainer compute over the same step
+  alone (timed here on a synthetic batch of the run's shape) is `async_train_factor` (measured: the
+  trainer's own CPU time per step is the same in the run as alone; the few % more wall time are its main thread preempted by trainer0's other threads and the
+  other processes of the run); step time beyond what the phases predict is charged per group consumed
   (`sync_group_s`, `async_group_s`: messages, buffer, batch building on the trainer's path).
 Timings are medians, so the profile is typical of this machine as loaded while it was measured.
 
@@ -94,32 +101,44 @@ def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -
     return rows
 
 
+def synthetic_batch(groups, vocab: int, generator: torch.Generator):
+    """A TrainBatch of random tokens shaped as `groups` = [(prompt length, [completion lengths])], rewards
+    alternating 0 / 1 in each group (so advantages are not all zero)."""
+    from areal.trainer.batch import build_batch
+    from areal.trajectory import Group, Trajectory
+
+    batch_groups = []
+    for gi, (prompt_len, completions) in enumerate(groups):
+        prompt = torch.randint(3, vocab, (prompt_len,), generator=generator).tolist()
+        trajs = [Trajectory(prompt, torch.randint(3, vocab, (c,), generator=generator).tolist(), [-1.0] * c, [0] * c,
+                            reward=float(i % 2)) for i, c in enumerate(completions)]
+        batch_groups.append(Group(gi, trajs))
+    return build_batch(batch_groups, None, pad_token_id=0)
+
+
+def time_train_step(engine, batch, repeats: int = 5) -> float:
+    """Median seconds of engine.train_step(batch) after one warm-up step (optimizer state)."""
+    engine.train_step(batch)
+    times = []
+    for _ in range(repeats):  # the median: typical of this machine as loaded now
+        start = time.perf_counter()
+        engine.train_step(batch)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def measure_train(model, shapes, vocab: int) -> list[tuple[list, int, float]]:
     """([(prompt, [completions])] per group, minibatches, seconds) for synthetic batches of
-    (groups, completion length, minibatches)."""
-    from areal.trainer.batch import build_batch
+    (groups, prompt length, completion length, minibatches)."""
     from areal.trainer.config import TrainerConfig
     from areal.trainer.engine import TrainEngine
-    from areal.trajectory import Group, Trajectory
 
     g = torch.Generator().manual_seed(0)
     rows = []
-    for groups, completion, minibatches in shapes:
+    for groups, prompt_len, completion, minibatches in shapes:
         engine = TrainEngine(model, TrainerConfig(lr=1e-5, minibatches=minibatches), temperature=1.0)
-        batch_groups = []
-        for gi in range(groups):
-            prompt = torch.randint(3, vocab, (12,), generator=g).tolist()
-            trajs = [Trajectory(prompt, torch.randint(3, vocab, (completion,), generator=g).tolist(),
-                                [-1.0] * completion, [0] * completion, reward=float(i % 2)) for i in range(8)]
-            batch_groups.append(Group(gi, trajs))
-        batch = build_batch(batch_groups, None, pad_token_id=0)
-        engine.train_step(batch)  # warm-up (optimizer state)
-        times = []
-        for _ in range(5):  # the median of five: typical of this machine as loaded now
-            start = time.perf_counter()
-            engine.train_step(batch)
-            times.append(time.perf_counter() - start)
-        rows.append(([(12, [completion] * 8)] * groups, minibatches, float(np.median(times))))
+        spec = [(prompt_len, [completion] * 8)] * groups
+        rows.append((spec, minibatches, time_train_step(engine, synthetic_batch(spec, vocab, g))))
     return rows
 
 
@@ -178,28 +197,35 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
         arch = from_config(name, cfg)
         rows = measure_decode(model, batch_sizes)
         raw["decode"][name] = rows
-        for bs, t, _ in rows:
-            dec_x.append([1.0, bs, 2.0 * arch.matmul_params * bs])
+        # the shipped model again, generating longer: the cache's per-token cost (a 50M model's would take minutes)
+        longer = measure_decode(model, batch_sizes[1:], new_tokens=64) if name == "tiny-math" and not quick else []
+        raw["decode"][name + " (64 new tokens)"] = longer
+        for (bs, t, _), new in [(row, 12) for row in rows] + [(row, 64) for row in longer]:
+            kv = bs * (12 + new / 2)  # the median step's cache: the 12-token prompt + half of the new tokens
+            dec_x.append([1.0, bs, kv, 2.0 * arch.matmul_params * bs + 4.0 * arch.layers * arch.hidden * kv])
             dec_y.append(t)
         if name == "tiny-math":  # host-side work, which the tiny model's FLOPs do not hide: the slope over sequences
             per_sequence = max(0.0, float(np.polyfit([bs for bs, _, _ in rows], [own for _, _, own in rows], 1)[0]))
-        shapes = ([(4, 8, 1), (16, 4, 1), (16, 4, 4), (16, 24, 1)] if name == "tiny-math"
-                  else [(2, 8, 1), (4, 16, 1)])
-        rows = measure_train(model, shapes if not quick else shapes[:1] + [(8, 8, 2)], arch.vocab)
-        raw["train"][name] = [(costs.packed_tokens(groups, True)[0], mb, t) for groups, mb, t in rows]
+        # (groups, prompt, completion, minibatches): prompts of two lengths at 1, 2 and 4 minibatches, so that a
+        # prompt's per-minibatch repeats and a completion's tokens separate from the per-update cost
+        shapes = ([(4, 12, 8, 1), (16, 12, 4, 1), (16, 12, 4, 4), (16, 12, 24, 1), (32, 12, 4, 4), (8, 48, 4, 2),
+                   (16, 48, 4, 4)] if name == "tiny-math" else [(2, 12, 8, 1), (4, 12, 16, 1), (4, 48, 8, 2)])
+        rows = measure_train(model, shapes if not quick else shapes[:1] + [(8, 12, 8, 2)], arch.vocab)
+        raw["train"][name] = [(costs.token_passes(groups, 1, True, mb), mb, t) for groups, mb, t in rows]
         for groups, mb, t in rows:
-            tr_x.append([float(mb), float(sum(len(c) for _, c in groups)), costs.packed_tokens(groups, True)[0],
-                         costs.train_flops(arch, groups, extra_forwards=1)])
+            tr_x.append([float(mb), float(sum(len(c) for _, c in groups)), costs.token_passes(groups, 1, True, mb),
+                         costs.train_flops(arch, groups, extra_forwards=1, minibatches=mb)])
             tr_y.append(t)
         last_model = model
-    a, per_seq, inv_rate = fit_nonneg(np.array(dec_x), np.array(dec_y))
+    a, per_seq, per_kv, inv_rate = fit_nonneg(np.array(dec_x), np.array(dec_y))
     ta, per_seq_train, per_tok, tinv = fit_nonneg(np.array(tr_x), np.array(tr_y))
     sync_bw = measure_weight_sync(last_model)
     reward_s = measure_reward(50 if quick else 200)
     big = 1e30  # not the bound on a CPU: no separate memory roofline is measured
     hw = Hardware("here", train_flops_s=1.0 / tinv if tinv > 0 else big, infer_flops_s=1.0 / inv_rate if inv_rate > 0 else big,
                   decode_bytes_s=big, intra_bw=sync_bw, inter_bw=sync_bw, mem_bytes=16e9, devices_per_node=os.cpu_count() or 1,
-                  dtype_bytes=4, decode_step_s=float(a), decode_seq_s=float(per_seq), train_update_s=float(ta),
+                  dtype_bytes=4, decode_step_s=float(a), decode_seq_s=float(per_seq), decode_kv_token_s=float(per_kv),
+                  train_update_s=float(ta),
                   train_token_s=float(per_tok), train_seq_s=float(per_seq_train), reward_s_per_sample=reward_s,
                   sequence_s=per_sequence, weight_sync_latency_s=0.0,
                   cores=os.cpu_count() or 1)
@@ -229,7 +255,7 @@ def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
         for mode, extra in (("sync", ["run.mode=sync", "run.num_threads=1"]), ("async", [])):
             overrides = CALIBRATION + extra
             recipe = build(Recipe, "math.yaml", overrides)
-            rows = run_local(overrides, Path(tmp) / mode, steps=24)
+            rows = run_local(overrides, Path(tmp) / mode, steps=32)
             if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
                 samples = recipe.trainer.batch_size * recipe.rollout.group_size
                 reward = [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
@@ -237,7 +263,7 @@ def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
                 found["reward_s_per_sample"] = hw.reward_s_per_sample
             measured, mean_len = steady_state(rows, warmup=8)
             if mode == "async":  # the trainer's own compute, beside a rollout worker, over the same alone
-                hw = replace(hw, async_train_factor=train_factor(rows[8:], recipe, mean_len, hw))
+                hw = replace(hw, async_train_factor=train_factor(rows[8:], recipe, mean_len))
                 found["async_train_factor"] = hw.async_train_factor
             predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
             found[f"{mode}_group_s"] = max(0.0, (measured - predicted) / recipe.trainer.batch_size)
@@ -245,19 +271,25 @@ def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
     return replace(hw, async_group_s=found["async_group_s"], sync_group_s=found["sync_group_s"]), found
 
 
-def train_factor(rows: list[dict], recipe, mean_len: float, hw: Hardware) -> float:
-    """The trainer's own step (proximal forward, advantages, update) as an async run measured it, over what
-    the profile predicts for the same batch alone (at least 1)."""
-    from areal.plan.__main__ import workload_from
+def train_factor(rows: list[dict], recipe, mean_len: float) -> float:
+    """The trainer's own step (proximal forward, advantages, update) as an async run measured it, over the same
+    step alone, measured here on a synthetic batch of the run's shape: its recipe's trainer, model, batch and
+    mean prompt, completions of the run's mean length (a mix of the two nearest lengths). At least 1."""
+    from transformers import AutoModelForCausalLM
+
     from areal.plan.validate import mean_prompt_tokens
+    from areal.setup import build_train_engine
 
     own = [r["time/train_s"] + r.get("time/proximal_s", 0.0) + r.get("time/advantage_s", 0.0)
            for r in rows if "time/train_s" in r]
-    prompt = round(mean_prompt_tokens(recipe))
-    w = workload_from(recipe, {"gpu": "here", "prompt_len": prompt, "sigma": 0.3, "mean_len": mean_len})
-    groups = [(prompt, [round(mean_len)] * recipe.rollout.group_size)] * recipe.trainer.batch_size
-    alone = costs.train_time(w.arch, hw, groups, 1, recipe.trainer.minibatches, w.extra_forwards, w.share_prompts)
-    return max(1.0, float(np.mean(own)) / alone)
+    k = recipe.rollout.group_size
+    longer = round((mean_len - int(mean_len)) * k)
+    completions = [int(mean_len) + 1] * longer + [max(1, int(mean_len))] * (k - longer)
+    groups = [(round(mean_prompt_tokens(recipe)), completions)] * recipe.trainer.batch_size
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+    batch = synthetic_batch(groups, model.config.vocab_size, torch.Generator().manual_seed(0))
+    alone = time_train_step(build_train_engine(recipe, model), batch, repeats=9)
+    return max(1.0, float(np.median(own)) / alone)  # medians, as every timing here: a stray slow step is not the loop
 
 
 def main(argv: list[str]) -> int:

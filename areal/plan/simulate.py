@@ -12,7 +12,7 @@ What is simulated (one heap of timed events, plain Python):
   prefilled once (the group's samples share it).
 * Admission is `areal.buffer.staleness.StalenessController` itself, driven with simulated time, and,
   for `rollout.admission=fresh`, `areal.buffer.freshness.FreshnessPacer` with the simulated clock:
-  a group is admitted only when the real controller says so, exactly as areal/async_loop.py's
+  a group is admitted only when the real controller says so, exactly as areal/fleet.py's
   Dispatcher does (`try_admit`, then `on_finished`, `set_version` after every update, `set_lead` via
   the pacer). Dispatched groups go to the least-loaded server.
 * The trainer takes B finished groups (oldest admission version first, the buffer's default order)
@@ -67,11 +67,12 @@ class Workload:
     kv_tokens_per_server: int = 0  # 0: from the device memory (costs.kv_capacity_tokens)
     admission: str = "fresh"  # fresh | greedy (rollout.admission)
     share_prompts: bool = True  # a group's prompt packed once for training (trainer.share_prompts)
+    capped_mean: bool = False  # mean_len is of the capped lengths (measured by a run), not the lognormal's own
 
     def draw_lengths(self, rng: np.random.Generator, count: int) -> np.ndarray:
         if self.lengths:
             return rng.choice(np.asarray(self.lengths), size=count)
-        return costs.lognormal_lengths(self.mean_len, self.max_len, self.sigma, count, rng)
+        return costs.lognormal_lengths(self.mean_len, self.max_len, self.sigma, count, rng, self.capped_mean)
 
 
 @dataclass

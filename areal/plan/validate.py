@@ -108,7 +108,7 @@ def predict_local(recipe, mean_len: float, prompt_len: float, hw) -> float:
     from areal.plan.__main__ import workload_from
 
     cluster = {"gpu": "here", "prompt_len": round(prompt_len), "sigma": 0.3, "mean_len": mean_len}
-    w = replace(workload_from(recipe, cluster), hw=hw)
+    w = replace(workload_from(recipe, cluster), hw=hw, capped_mean=True)  # the run's measured mean is of capped lengths
     if recipe.run.mode == "sync":
         return simulate(w, "sync", 0, 1, 1, measured=10).step_s
     workers = recipe.rollout.num_workers
