@@ -174,12 +174,6 @@ class RemoteEvaluator:
         return future
 
     @property
-    def pending(self) -> bool:
-        """An evaluation was asked for and is not complete yet."""
-        with self._lock:
-            return bool(self._pending)
-
-    @property
     def holds_weights(self) -> bool:
         """Some shard asked for is neither started on a copy of its weights nor scored."""
         with self._lock:

@@ -176,7 +176,7 @@ class RolloutWorker:
         from areal.evaluate import evaluate
 
         result = evaluate(self.backend, self.reward_pool, self.tokenizer, request.prompts, request.max_new_tokens)
-        return self._eval_result(request, result)
+        return self._eval_result(request, result, self.backend.version)
 
     def _start_eval(self, request: EvalRequest) -> _Evaluating:
         """Queue an evaluation's prompts on a streaming engine, never blocking: the groups admitted
@@ -202,8 +202,7 @@ class RolloutWorker:
         result = score(self.reward_pool, self.tokenizer, evaluating.request.prompts, outputs, evaluating.started)
         return self._eval_result(evaluating.request, result, evaluating.engine.version)
 
-    def _eval_result(self, request: EvalRequest, result: dict, version: int | None = None) -> dict:
-        version = self.backend.version if version is None else version
+    def _eval_result(self, request: EvalRequest, result: dict, version: int) -> dict:
         return {**result, "eval/step": request.version, "eval/version": version, "eval/shard": request.shard}
 
     def _snapshot(self, step: int, in_flight, pending) -> WorkerSnapshot:

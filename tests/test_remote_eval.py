@@ -99,14 +99,14 @@ def test_weights_stay_put_until_every_shard_runs_on_its_own_copy_or_is_scored():
     evaluator.started(EvalStarted(4, 1))  # another step's: changes nothing
     assert evaluator.holds_weights  # shard 1 evaluates on its worker's own engine
     evaluator.deliver(shard_of(shard_result(5, 2, 1.0, 0.1), 1))
-    assert not evaluator.holds_weights and evaluator.pending  # shard 0 still running, on a copy
+    assert not evaluator.holds_weights and not future.done()  # shard 0 still running, on a copy
     fleet.lose(0)
     evaluator.lose(0)  # shard 0 goes to rollout1, which has not copied version 5's weights
     assert evaluator.holds_weights
     evaluator.started(EvalStarted(5, 0))
     assert not evaluator.holds_weights
     evaluator.deliver(shard_of(shard_result(5, 2, 0.0, 0.1), 0))
-    assert future.result(timeout=1)["eval/accuracy"] == 0.5 and not evaluator.pending
+    assert future.result(timeout=1)["eval/accuracy"] == 0.5 and not evaluator.holds_weights
 
 
 def test_a_stopped_run_fails_the_evaluations_still_pending():
@@ -120,4 +120,4 @@ def test_a_stopped_run_fails_the_evaluations_still_pending():
     evaluator.close()
     with pytest.raises(RuntimeError, match="evaluation of step 8"):
         future.result(timeout=1)
-    assert not evaluator.pending and not evaluator.holds_weights
+    assert future.done() and not evaluator.holds_weights
