@@ -15,8 +15,8 @@ One step, as trainer0 sees it:
      worker holds until its group comes back. The rule's lead (how many versions ahead of the
      trainer it admits, at most eta) is set after every update by areal/buffer/freshness.py, from
      measured latencies: data no older than the trainer needs to never wait.
-  2. Workers generate continuously; each finished group comes back as `GroupDone`. The Collector
-     puts it in the buffer (which may filter it, e.g. uniform rewards), exactly once per group id.
+  2. Workers generate continuously; finished groups come back in `GroupsDone` messages. The Collector
+     puts each in the buffer (which may filter it, e.g. uniform rewards), exactly once per group id.
   3. AsyncLoop takes B groups from the buffer, sends them to the other trainer ranks (`TrainStep`),
      and all ranks take the update together (areal/trainer/engine.py).
   4. trainer0 publishes the new weights in the background (areal/trainer/weight_publisher.py);

@@ -20,7 +20,7 @@ from areal.buffer.freshness import FreshnessPacer
 from areal.buffer.staleness import StalenessController
 from areal.buffer.trajectory_buffer import TrajectoryBuffer
 from areal.evaluate import merge_eval_results
-from areal.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch, ResumeGroups,
+from areal.messages import (EvalRequest, EvalResult, EvalStarted, GroupsDone, InFlightGroup, PromptBatch, ResumeGroups,
                             RoleLost, ShardSaved, Stop, WeightGroup, WorkerReady, WorkerSnapshot, WorkerStats)
 from areal.trajectory import Group
 
@@ -125,7 +125,7 @@ class Dispatcher(threading.Thread):
             # a checkpoint's in-flight groups go first; their running slots are already counted
             self.reissue(self.resumed)
             while not self.stop_event.is_set():
-                if not self.staleness.admit(timeout=0.05):
+                if not self.staleness.admit(timeout=0.5):  # the timeout only re-checks stop_event: rare wake-ups
                     continue
                 while self.pacer is not None and (hold := self.pacer.hold_s()) > 0 and not self.stop_event.is_set():
                     self.stop_event.wait(min(hold, 0.05))  # a slot is ours; the batch is due just in time (freshness.py)
@@ -286,13 +286,14 @@ class Collector(threading.Thread):
 
     def _handle(self, rank: int, msg) -> None:
         cut = self._cut
-        if isinstance(msg, GroupDone):
-            if self.dispatcher.pacer is not None:
-                self.dispatcher.pacer.arrived(msg.group.group_id)
-            if self.fleet.returned(msg.group.group_id):
-                if cut is not None and rank in cut.waiting:
-                    cut.in_transit.append(msg.group)
-                self.buffer.put(msg.group)  # never blocks for long: admission bounds what is held
+        if isinstance(msg, GroupsDone):
+            for group in msg.groups:
+                if self.dispatcher.pacer is not None:
+                    self.dispatcher.pacer.arrived(group.group_id)
+                if self.fleet.returned(group.group_id):
+                    if cut is not None and rank in cut.waiting:
+                        cut.in_transit.append(group)
+                    self.buffer.put(group)  # never blocks for long: admission bounds what is held
         elif isinstance(msg, WorkerSnapshot):
             if cut is not None and rank in cut.waiting:
                 cut.waiting.discard(rank)
@@ -330,7 +331,7 @@ class Collector(threading.Thread):
         try:
             while not self.stop_event.is_set():
                 try:
-                    got = self.endpoint.recv(timeout=0.05)
+                    got = self.endpoint.recv(timeout=0.5)  # re-checks stop_event; every wake-up costs the trainer
                 except queue.Empty:
                     continue
                 self.handle(got)

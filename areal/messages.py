@@ -3,7 +3,7 @@
     controller -> role       Stop, RoleLost (to trainer0: a rollout worker died)
     role -> controller       Hello, Heartbeat (the channel sends both), RoleError, RunPlaced, RunFinished
     trainer0 -> rollout r    WeightGroup, PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, Stop
-    rollout r -> trainer0    WorkerReady, GroupDone, EvalStarted, EvalResult, WorkerSnapshot, WorkerStats
+    rollout r -> trainer0    WorkerReady, GroupsDone, EvalStarted, EvalResult, WorkerSnapshot, WorkerStats
     trainer0 -> trainer k    TrainerGroup, RunPlaced, TrainStep, SaveCheckpoint, ExportModel, Stop
     trainer k -> trainer0    ShardSaved
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from areal.channel import message
-from areal.rollout.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, PromptBatch,
+from areal.rollout.messages import (EvalRequest, EvalResult, EvalStarted, GroupsDone, InFlightGroup, PromptBatch,
                                     ResumeGroups, SnapshotRequest, WeightGroup, WorkerSnapshot, WorkerStats)
 from areal.trajectory import Group
 
@@ -93,7 +93,7 @@ class WorkerReady:
 
 
 # the rollout worker's own protocol, defined beside it (rollout/messages.py)
-for _cls in (PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, WeightGroup, GroupDone, EvalStarted, EvalResult,
+for _cls in (PromptBatch, EvalRequest, SnapshotRequest, ResumeGroups, WeightGroup, GroupsDone, EvalStarted, EvalResult,
              WorkerStats, WorkerSnapshot):
     message(_cls)
 
@@ -127,7 +127,7 @@ class TrainStep:
 
 __all__ = [
     "Hello", "Heartbeat", "Stop", "RoleError", "RunPlaced", "RunFinished", "RoleLost", "WorkerReady", "WeightGroup",
-    "GroupDone", "EvalStarted", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
+    "GroupsDone", "EvalStarted", "EvalResult", "WorkerStats", "PromptBatch", "EvalRequest", "SnapshotRequest", "ResumeGroups",
     "WorkerSnapshot", "InFlightGroup", "TrainerGroup", "TrainStep", "ExportModel", "SaveCheckpoint", "ShardSaved",
 ]
 

@@ -48,7 +48,6 @@ import math
 import os
 import reprlib
 import socket
-import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -57,6 +56,7 @@ from datetime import timedelta
 
 import torch
 
+CLOSED = b"closed"  # the entry after the last header once the sender closed (headers are JSON objects)
 ALIGN = 64  # bytes; keeps every tensor view aligned for any dtype and for vectorised copies
 
 
@@ -422,10 +422,12 @@ class DistSender(_DistEnd, SenderTransport):
         wildcard = host in ("", "0.0.0.0", "::")  # gloo would publish it as its address: let torch pick one
         self._init_common(store, 0, num_receivers + 1, device, timeout_s, connect_timeout_s, None if wildcard else host)
         self.ctl.set("meta", json.dumps({"world_size": self.world_size}).encode())
+        self._next_seq = 0
 
     def start_update(self, header: UpdateHeader) -> None:
         self.ctl.set(f"update/{header.seq}", header.to_json())
         self.control_messages += 1
+        self._next_seq = header.seq + 1
 
     def send_bucket(self, bucket: torch.Tensor) -> None:
         self._broadcast(bucket)
@@ -438,6 +440,7 @@ class DistSender(_DistEnd, SenderTransport):
     def close(self) -> None:
         try:
             self.ctl.set("closed", b"1")
+            self.ctl.set(f"update/{self._next_seq}", CLOSED)  # wakes the receivers blocked on the next header
         except Exception:
             pass
         self._shutdown_group()
@@ -469,24 +472,28 @@ class DistReceiver(_DistEnd, ReceiverTransport):
 
     def recv_start(self, timeout_s: float) -> UpdateHeader | None:
         key = f"update/{self._next_seq}"
-        deadline, nap = time.monotonic() + timeout_s, 0.0005
-        while True:
-            try:  # check() polls without the C++ timeout warnings that store.wait(timeout) prints
-                found, closed = self.ctl.check([key]), self.ctl.check(["closed"])
-                entry = self.ctl.get(key) if found else None
-            except Exception as exc:  # the store lives in the publisher: it died or the network is gone
-                raise ConnectionError(f"weight publisher's store at {self.address} unreachable: {exc}") from exc
-            if entry is not None:
-                header = UpdateHeader.from_json(entry)  # a malformed entry raises ValueError, not "unreachable"
-                self._next_seq += 1
-                self.control_messages += 1
-                return header
-            if closed:
-                raise PeerClosed("weight publisher closed the channel")
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(min(nap, max(deadline - time.monotonic(), 0)))
-            nap = min(nap * 2, 0.01)
+        try:  # blocks in the store until the sender writes the key: polling it woke the sender's process
+            # hundreds of times a second, and on shared cores the trainer paid for every wake-up
+            self.ctl.wait([key], timedelta(seconds=max(timeout_s, 0.001)))
+            entry = self.ctl.get(key)
+        except self._dist.DistStoreError:  # none within timeout_s (the store's timeout error)
+            if self._closed():
+                raise PeerClosed("weight publisher closed the channel") from None
+            return None
+        except Exception as exc:  # the store lives in the publisher: it died or the network is gone
+            raise ConnectionError(f"weight publisher's store at {self.address} unreachable: {exc}") from exc
+        if entry == CLOSED:
+            raise PeerClosed("weight publisher closed the channel")
+        header = UpdateHeader.from_json(entry)  # a malformed entry raises ValueError, not "unreachable"
+        self._next_seq += 1
+        self.control_messages += 1
+        return header
+
+    def _closed(self) -> bool:
+        try:
+            return self.ctl.check(["closed"])
+        except Exception as exc:
+            raise ConnectionError(f"weight publisher's store at {self.address} unreachable: {exc}") from exc
 
     def recv_bucket(self, out: torch.Tensor) -> None:
         self._broadcast(out)

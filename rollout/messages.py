@@ -136,17 +136,18 @@ class ResumeGroups:
 
 
 @dataclass
-class GroupDone:
-    """Outbox: a finished, rewarded group."""
+class GroupsDone:
+    """Outbox: finished, rewarded groups; those one engine step finished travel together (a batch's
+    groups mostly finish together: one message and one reward call, not one per group)."""
 
-    group: Group
+    groups: list[Group]
 
     def to_dict(self) -> dict:
-        return {"group": self.group.to_dict()}
+        return {"groups": [g.to_dict() for g in self.groups]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GroupDone":
-        return cls(Group.from_dict(d["group"]))
+    def from_dict(cls, d: dict) -> "GroupsDone":
+        return cls([Group.from_dict(g) for g in d["groups"]])
 
 
 @dataclass

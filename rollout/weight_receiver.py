@@ -75,7 +75,7 @@ def apply(update: WeightUpdate, engine, mode: str = "keep") -> float:
 
 
 class WeightReceiver:
-    def __init__(self, transport: ReceiverTransport, device: str | torch.device | None = None, poll_interval_s: float = 0.05):
+    def __init__(self, transport: ReceiverTransport, device: str | torch.device | None = None, poll_interval_s: float = 0.2):
         self.transport = transport
         # receive buffers live where the transport moves data (CUDA for NCCL), unless told otherwise
         self.device = torch.device(device if device is not None else getattr(transport, "device", "cpu"))

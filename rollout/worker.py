@@ -16,12 +16,12 @@ import dataclasses
 import logging
 import queue
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from areal.rewards import RewardRequest
-from areal.rollout.messages import (EvalRequest, EvalResult, EvalStarted, GroupDone, InFlightGroup, Prompt, PromptBatch,
+from areal.rollout.messages import (EvalRequest, EvalResult, EvalStarted, GroupsDone, InFlightGroup, Prompt, PromptBatch,
                                     ResumeGroups, SnapshotRequest, WorkerSnapshot, WorkerStats)
 from areal.rollout.types import GenerationOutput, PartialSample, SamplingParams
 from areal.trajectory import Group, Trajectory
@@ -132,19 +132,23 @@ class RolloutWorker:
             running.request_id = self._start(group.group_id, group.prompt, on_finish, resume=resume)
         return running
 
-    def make_group(self, group_id: int, prompt: Prompt, outputs: list[GenerationOutput]) -> Group:
-        """Decode, score and package one prompt's n samples."""
-        texts = self.tokenizer.batch_decode([o.token_ids for o in outputs], skip_special_tokens=True)
+    def make_groups(self, finished: list[tuple[int, Prompt, list[GenerationOutput]]]) -> list[Group]:
+        """Decode, score and package each (group id, prompt, its n samples): one reward call for all."""
+        outputs = [(prompt, o) for _, prompt, outs in finished for o in outs]
+        texts = self.tokenizer.batch_decode([o.token_ids for _, o in outputs], skip_special_tokens=True)
         scored = self.reward_pool.score(
-            [RewardRequest(prompt=prompt.text, completion=t, fields=prompt.fields) for t in texts]
+            [RewardRequest(prompt=prompt.text, completion=t, fields=prompt.fields) for (prompt, _), t in zip(outputs, texts)]
         )
-        trajs = [
-            Trajectory(prompt.token_ids, o.token_ids, o.logprobs, o.versions, reward, o.finish_reason, prompt.text, text)
-            for o, text, reward in zip(outputs, texts, scored.rewards)
-        ]
-        failures = {kind: count for kind, count in scored.failures.items() if count}
-        return Group(group_id=group_id, trajectories=trajs, fields=prompt.fields, reward_failures=failures,
-                     prompt_index=prompt.index)
+        groups, start = [], 0
+        for group_id, prompt, outs in finished:
+            end = start + len(outs)
+            trajs = [Trajectory(prompt.token_ids, o.token_ids, o.logprobs, o.versions, reward, o.finish_reason, prompt.text,
+                                text) for o, text, reward in zip(outs, texts[start:end], scored.rewards[start:end])]
+            failures = dict(Counter(kind for kind in scored.kinds[start:end] if kind is not None))
+            groups.append(Group(group_id=group_id, trajectories=trajs, fields=prompt.fields, reward_failures=failures,
+                                prompt_index=prompt.index))
+            start = end
+        return groups
 
     def rollout(self, prompts: list[Prompt], group_ids: list[int]) -> tuple[list[Group], dict[str, float]]:
         """Generate n samples per prompt (all at once), score them; returns whole groups plus timings."""
@@ -162,7 +166,7 @@ class RolloutWorker:
             n = self.params.n
             outputs = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
         t1 = time.perf_counter()
-        groups = [self.make_group(g, p, outs) for g, p, outs in zip(group_ids, prompts, outputs)]
+        groups = self.make_groups(list(zip(group_ids, prompts, outputs)))
         t2 = time.perf_counter()
         timings = {
             "time/generate_s": t1 - t0,
@@ -222,7 +226,7 @@ class RolloutWorker:
         inbox.get(timeout) / get_nowait() yield `PromptBatch`es, `EvalRequest`s, `SnapshotRequest`s and
         `ResumeGroups`, and finally None (stop once every admitted group has shipped); anything else goes
         to `on_control` (a new weight group, which swaps `self.receiver`). outbox.put() receives
-        `GroupDone`, `EvalStarted`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
+        `GroupsDone`, `EvalStarted`, `EvalResult`, `WorkerSnapshot` and `WorkerStats`. Weight updates from `self.receiver`
         are applied between two engine steps; nothing here blocks for long, so control messages are
         always read (an evaluation waiting for newer weights waits in `evals`, not in a call).
         """
@@ -267,10 +271,10 @@ class RolloutWorker:
             if len(outs) == self.params.n:
                 done.append(group_id)
 
-        def ship(group_id: int) -> None:
-            running = in_flight.pop(group_id)
-            outs = sorted(running.outputs, key=lambda o: o.sample_index)
-            outbox.put(GroupDone(self.make_group(group_id, running.group.prompt, outs)))
+        def ship(group_ids: list[int]) -> None:
+            running = [(g, in_flight.pop(g)) for g in group_ids]
+            outbox.put(GroupsDone(self.make_groups([(g, r.group.prompt, sorted(r.outputs, key=lambda o: o.sample_index))
+                                                    for g, r in running])))
 
         while not (stopping and not pending and not in_flight and not evals and evaluating is None):
             t0 = time.perf_counter()
@@ -307,8 +311,7 @@ class RolloutWorker:
                 ready.append(pending.popleft())
             if ready and not self.streaming:  # a static-batch backend (HF generate): one batch at a time
                 groups, _ = self.rollout([r.prompt for r in ready], [r.group_id for r in ready])  # resumed: whole
-                for group in groups:
-                    outbox.put(GroupDone(group))
+                outbox.put(GroupsDone(groups))
                 ready = []
             for group in ready:
                 g = group.group_id
@@ -328,9 +331,9 @@ class RolloutWorker:
             elif self.streaming and engine.has_unfinished():
                 engine.step()
                 train_steps_in_a_row += evaluation_busy()
-            for g in done:
-                ship(g)
-            done.clear()
+            if done:
+                ship(done)
+                done.clear()
             if evaluating is not None and evaluating.complete():
                 outbox.put(EvalResult(self._finish_eval(evaluating)))
                 evaluating = None

@@ -10,7 +10,7 @@ import pytest
 from areal.fleet import Collector, Dispatcher, Fleet, RemoteEvaluator
 from areal.buffer import BufferConfig, StalenessController, TrajectoryBuffer
 from areal.channel import Received
-from areal.messages import GroupDone, InFlightGroup, PromptBatch, RoleLost, WorkerSnapshot
+from areal.messages import GroupsDone, InFlightGroup, PromptBatch, RoleLost, WorkerSnapshot
 from areal.rollout.messages import Prompt
 from buffer_helpers import make_group
 
@@ -61,7 +61,7 @@ def test_a_worker_lost_during_the_cut_contributes_only_what_it_held_at_the_cut()
     with collector.lock:
         done = collector.start_cut([0])
     _hand(fleet, staleness, 0, [3, 4])  # admitted after the cut: the resumed run admits them again
-    collector.handle(Received("rollout0", GroupDone(make_group(1))))  # shipped before it saw the request
+    collector.handle(Received("rollout0", GroupsDone([make_group(1)])))  # shipped before it saw the request
     collector.handle(Received("controller", RoleLost("rollout0", "killed", False)))
     cut = done.result(timeout=1)["rollout"]
     assert [g["group_id"] for g in cut["in_transit"]] == [1]
@@ -81,10 +81,10 @@ def _cut_over_two_workers():
 
 def test_a_worker_that_answers_records_its_snapshot_and_later_groups_are_not_in_transit():
     fleet, collector, done = _cut_over_two_workers()
-    collector.handle(Received("rollout0", GroupDone(make_group(0))))
+    collector.handle(Received("rollout0", GroupsDone([make_group(0)])))
     snapshot = WorkerSnapshot(1, [InFlightGroup(1, 0, Prompt(1, "p1", [1, 2], {"answer": "1"}))], {"seed": 1})
     collector.handle(Received("rollout0", snapshot))
-    collector.handle(Received("rollout0", GroupDone(make_group(1))))  # after its answer: after the cut
+    collector.handle(Received("rollout0", GroupsDone([make_group(1)])))  # after its answer: after the cut
     assert not done.done()
     # rollout1 dies before answering: it contributes group 2, which it held at the cut
     collector.handle(Received("controller", RoleLost("rollout1", "killed", False)))

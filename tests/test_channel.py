@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from areal.channel import CONTROLLER, Endpoint, Hub, _mac, new_secret
-from areal.messages import GroupDone, Hello, PromptBatch, RoleError, Stop
+from areal.messages import GroupsDone, Hello, PromptBatch, RoleError, Stop
 from areal.rollout.messages import Prompt
 from areal.trajectory import Group, Trajectory
 from channel_helpers import recv_type
@@ -42,9 +42,9 @@ def test_typed_messages_round_trip_between_roles(hub):
         got = b.recv(timeout=10)
         assert got.src == "trainer0" and got.msg == batch
         group = Group(8, [Trajectory([1], [2, 3], [-0.5, -0.25], [3, 3], 1.0, "stop", "p", "c")], {"answer": "4"}, {}, 5)
-        b.send("trainer0", GroupDone(group))
+        b.send("trainer0", GroupsDone([group]))
         got = a.recv(timeout=10)
-        assert got.src == "rollout0" and got.msg.group == group
+        assert got.src == "rollout0" and got.msg.groups == [group]
         b.send(CONTROLLER, RoleError("rollout0", "ValueError", "boom", "tb"))
         assert recv_type(h, RoleError).msg.message == "boom"
     finally:

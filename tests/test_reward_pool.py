@@ -48,6 +48,8 @@ def test_every_failure_kind_scores_zero_and_the_pool_keeps_working():
         assert result.rewards == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 3.0, 2.0]
         # "exit" kills its worker (error); "hang" is killed at the deadline (timeout).
         assert result.failures == {**NO_FAILURES, "error": 2, "timeout": 1, "nan": 1, "non_number": 1}
+        # each request's own kind, so one call can score several groups and charge each its failures
+        assert result.kinds == [None, "error", "nan", "non_number", "error", "timeout", None, None]
         assert elapsed < 5.0  # the hang cost one timeout, not 100 s
         # Replacement workers score the next batch normally; lifetime totals accumulate.
         again = pool.score(requests("abcd", "hang", "ab"))

@@ -538,3 +538,42 @@ def test_receiver_that_never_joins_times_out():
     with pytest.raises(RuntimeError, match="weight publisher failed"):
         pub.wait(TIMEOUT_S)
     pub.close()
+
+
+class CountingStore:
+    """Wraps a store and counts the requests made through it."""
+
+    def __init__(self, inner):
+        self.inner, self.requests = inner, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args, **kwargs):
+            self.requests += 1
+            return attr(*args, **kwargs)
+        return counted
+
+
+def test_an_idle_receiver_blocks_on_the_store_instead_of_polling_it_and_wakes_at_once():
+    # every poll of the sender's store wakes the trainer's process: on shared cores it paid for each one
+    sender, (receiver,) = local_dist()
+    receiver.ctl = CountingStore(receiver.ctl)
+    layout = plan_layout([("w", torch.zeros(4))], 1 << 20)
+    header = UpdateHeader(0, 1, layout, layout.total_bytes, time.time())
+    threading.Timer(1.0, sender.start_update, (header,)).start()
+    t0 = time.perf_counter()
+    got = receiver.recv_start(timeout_s=TIMEOUT_S)
+    waited = time.perf_counter() - t0
+    assert got is not None and got.seq == 0 and got.version == 1
+    assert 0.9 < waited < 1.5  # woken by the write itself
+    assert receiver.ctl.requests <= 3  # one wait and one read: no polling through the idle second
+    assert receiver.recv_start(timeout_s=0.2) is None  # nothing new: a timeout is None, not an error
+    threading.Timer(0.5, sender.close).start()
+    t0 = time.perf_counter()
+    with pytest.raises(ConnectionError, match="closed"):  # PeerClosed, as soon as the sender closes
+        receiver.recv_start(timeout_s=TIMEOUT_S)
+    assert time.perf_counter() - t0 < 1.5
+    receiver.close()

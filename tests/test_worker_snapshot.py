@@ -19,7 +19,7 @@ from areal.rollout.messages import (
     EvalRequest,
     EvalResult,
     EvalStarted,
-    GroupDone,
+    GroupsDone,
     InFlightGroup,
     Prompt,
     PromptBatch,
@@ -102,7 +102,7 @@ def make_worker(model, pool, tokenizer, version=0, backend="engine"):
     return RolloutWorker(engine, pool, tokenizer, PARAMS, base_seed=11)
 
 
-KINDS = {GroupDone: "group", WorkerSnapshot: "snapshot", EvalStarted: "eval started", EvalResult: "eval"}
+KINDS = {WorkerSnapshot: "snapshot", EvalStarted: "eval started", EvalResult: "eval"}
 
 
 def serve(worker, inbox, receiver=None) -> list[tuple[str, object]]:
@@ -116,8 +116,10 @@ def serve(worker, inbox, receiver=None) -> list[tuple[str, object]]:
     out = []
     while not outbox.empty():
         msg = outbox.get()
-        if not isinstance(msg, WorkerStats):
-            out.append((KINDS[type(msg)], msg.group if isinstance(msg, GroupDone) else msg))
+        if isinstance(msg, GroupsDone):
+            out.extend(("group", group) for group in msg.groups)
+        elif not isinstance(msg, WorkerStats):
+            out.append((KINDS[type(msg)], msg))
     return out
 
 
@@ -291,3 +293,27 @@ def test_an_evaluation_on_its_own_engine_scores_its_version_while_training_takes
     assert scored["eval/version"] == 0 and worker.backend.version == 1
     for key in ("eval/accuracy", "eval/num_prompts", "eval/response_length", "eval/step"):
         assert scored[key] == blocking[key], key
+
+
+def test_groups_finished_in_one_engine_step_ship_in_one_message_with_their_own_reward_failures(
+        model, tokenizer, prompts):
+    # one message and one reward call per engine step, not one per group: each message woke trainer0's threads
+    from dataclasses import replace
+
+    from areal.rewards import RewardPool
+
+    bad = ROOT / "tests" / "fixtures" / "rewards" / "bad_rewards.py"
+    batch = PromptBatch(0, [0, 1, 2], [prompts[0], replace(prompts[1], fields={"fail": True}), prompts[2]])
+    with RewardPool(f"{bad}:fail_when_told", num_workers=1, timeout_s=5.0, max_logged_failures=0) as pool:
+        engine = Engine(model, num_blocks=128, block_size=8, tokenizer=tokenizer)  # all three prefilled in one step
+        worker = RolloutWorker(engine, pool, tokenizer, SamplingParams(n=4, max_new_tokens=3, ignore_eos=True))
+        outbox = queue.Queue()
+        worker.serve(fifo([batch, None]), outbox)
+    shipped = []
+    while not outbox.empty():
+        if isinstance(msg := outbox.get(), GroupsDone):
+            shipped.append(msg)
+    assert [[g.group_id for g in m.groups] for m in shipped] == [[0, 1, 2]]
+    groups = shipped[0].groups
+    assert [g.rewards for g in groups] == [[1.0] * 4, [0.0] * 4, [1.0] * 4]
+    assert [g.reward_failures for g in groups] == [{}, {"error": 4}, {}]

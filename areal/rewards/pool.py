@@ -86,10 +86,12 @@ class RewardRequest:
 
 @dataclass
 class RewardResult:
-    """Rewards in request order (failed samples score 0.0) and this call's failures by kind."""
+    """Rewards in request order (failed samples score 0.0), this call's failures by kind, and each
+    request's failure kind (None where it scored), so one call can serve several groups."""
 
     rewards: list[float]
     failures: dict[str, int]
+    kinds: list[str | None] = field(default_factory=list)
 
     @property
     def num_failures(self) -> int:
@@ -286,7 +288,10 @@ class _ScoringRun:
         finally:  # in request order, whichever worker finished first: the log reads the same every run
             for index, kind, detail in sorted(self.failed, key=lambda f: f[0]):
                 self.pool._log_failure(kind, self.requests[index], detail)
-        return RewardResult(self.rewards, self.failures)
+        kinds: list[str | None] = [None] * len(self.requests)
+        for index, kind, _ in self.failed:
+            kinds[index] = kind
+        return RewardResult(self.rewards, self.failures, kinds)
 
     def _loop(self) -> None:
         while self.remaining:
