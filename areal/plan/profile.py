@@ -237,12 +237,13 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
 
 
 CALIBRATION = ["trainer.batch_size=8", "trainer.minibatches=2", "rollout.max_staleness=1"]
+CALIBRATION_RUNS = 3  # each loop's run, repeated: one run's step time moved by up to 20 % from the next one's
 
 
-def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
-    """Per-group host cost of areal's sync and async loops: one short real run of each, with a batch of
-    8 prompts and 2 minibatches (the validation's runs use 16 and 4), minus what the phases above
-    predict for it, divided by the 8 groups."""
+def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardware, dict]:
+    """Per-group host cost of areal's sync and async loops: short real runs of each (`runs` of them, the
+    median taken), with a batch of 8 prompts and 2 minibatches (the validation's runs use 16 and 4), minus
+    what the phases above predict for it, divided by the 8 groups."""
     import tempfile
     from dataclasses import replace
 
@@ -255,15 +256,24 @@ def calibrate_loops(hw: Hardware) -> tuple[Hardware, dict]:
         for mode, extra in (("sync", ["run.mode=sync", "run.num_threads=1"]), ("async", [])):
             overrides = CALIBRATION + extra
             recipe = build(Recipe, "math.yaml", overrides)
-            rows = run_local(overrides, Path(tmp) / mode, steps=32)
-            if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
-                samples = recipe.trainer.batch_size * recipe.rollout.group_size
-                reward = [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
-                hw = replace(hw, reward_s_per_sample=float(np.mean(reward)))
+            steps, lengths, factors, reward = [], [], [], []
+            for k in range(runs):
+                rows = run_local(overrides, Path(tmp) / f"{mode}-{k}", steps=32)
+                measured, mean_len = steady_state(rows, warmup=8)
+                steps.append(measured)
+                lengths.append(mean_len)
+                if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
+                    samples = recipe.trainer.batch_size * recipe.rollout.group_size
+                    reward += [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
+                else:  # the trainer's own compute, beside a rollout worker, over the same alone
+                    factors.append(train_factor(rows[8:], recipe, mean_len))
+            measured, mean_len = float(np.median(steps)), float(np.mean(lengths))
+            found[f"{mode}_measured_step_s_runs"] = steps
+            if mode == "sync":
+                hw = replace(hw, reward_s_per_sample=float(np.median(reward)))
                 found["reward_s_per_sample"] = hw.reward_s_per_sample
-            measured, mean_len = steady_state(rows, warmup=8)
-            if mode == "async":  # the trainer's own compute, beside a rollout worker, over the same alone
-                hw = replace(hw, async_train_factor=train_factor(rows[8:], recipe, mean_len))
+            else:
+                hw = replace(hw, async_train_factor=float(np.median(factors)))
                 found["async_train_factor"] = hw.async_train_factor
             predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
             found[f"{mode}_group_s"] = max(0.0, (measured - predicted) / recipe.trainer.batch_size)
