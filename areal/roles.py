@@ -93,7 +93,7 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     from areal.checkpoint.session import CheckpointSession, load_checkpoint
     from areal.config import to_dict
     from areal.model import load_model, load_tokenizer
-    from areal.runtime import pick_device, seed_everything
+    from areal.runtime import freeze_startup_objects, pick_device, seed_everything
     from areal.setup import build_train_engine, shards_per_checkpoint
     from areal.trainer.batch import build_batch
 
@@ -117,7 +117,7 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             pass
 
     in_step = gather if gathers and in_step_updates(recipe) else None
-
+    freeze_startup_objects()
     try:
         while True:
             msg = _wait_for(endpoint, (TrainStep, ExportModel, SaveCheckpoint), None, "training step")
@@ -174,6 +174,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     from areal.driver import drive
     from areal.messages import InFlightGroup
     from areal.setup import new_train_engine, open_session, setup
+    from areal.runtime import freeze_startup_objects
     from areal.trainer.weight_publisher import WeightPublisher
     from areal.trajectory import Group
     from areal.transport import DistSender
@@ -270,6 +271,7 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             "duplicate_groups": fleet.duplicates,
         }
 
+    freeze_startup_objects()
     loop = AsyncLoop(parts, tr, s.tokenizer.pad_token_id, timeout_s=600.0, first_step=(restored.step + 1) if restored else 1)
     try:  # held-out evaluation runs on the rollout workers (RemoteEvaluator): training never stops for it
         summary = drive(s, loop, evaluator, session, restored, extra)
@@ -292,7 +294,7 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
     from areal.model import load_model, load_tokenizer
     from areal.rollout.weight_receiver import WeightReceiver
     from areal.rollout.worker import RolloutWorker
-    from areal.runtime import pick_device
+    from areal.runtime import freeze_startup_objects, pick_device
     from areal.setup import make_backend, make_eval_engine, make_reward_pool, sampling_params
     from areal.transport import DistReceiver
 
@@ -341,6 +343,7 @@ def rollout_main(spec: RoleSpec, endpoint: Endpoint) -> None:
 
         endpoint.send("trainer0", WorkerReady(spec.rank, spec.incarnation))
         try:
+            freeze_startup_objects()
             worker.serve(Inbox, Outbox, mode=recipe.rollout.weight_update_mode, on_control=on_control)
         finally:
             if worker.receiver is not None:

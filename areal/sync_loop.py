@@ -88,7 +88,7 @@ class SyncLoop:
 
 
 def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
-    from areal.runtime import set_threads
+    from areal.runtime import freeze_startup_objects, set_threads
 
     threads = set_threads(recipe.run.num_threads)
     s = setup(recipe, recipe_path)
@@ -103,6 +103,7 @@ def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
         with make_reward_pool(recipe) as pool:
             worker = RolloutWorker(backend, pool, s.tokenizer, sampling_params(recipe), base_seed=recipe.run.seed)
             eval_fn = lambda _step: evaluate(backend, pool, s.tokenizer, s.test_prompts, recipe.rollout.eval_max_new_tokens)  # noqa: E731
+            freeze_startup_objects()
             summary = drive(s, SyncLoop(s, worker, engine, restored), eval_fn, session, restored,
                             lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
     finally:
