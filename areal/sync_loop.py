@@ -6,6 +6,7 @@ One process, no staleness: the reference every async run is compared with.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from concurrent.futures import Future
 
@@ -108,6 +109,7 @@ def train_sync(recipe: Recipe, recipe_path: str | None = None) -> RunResult:
                             lambda: {"reward_failures": dict(pool.total_failures), "threads": threads})
     finally:
         session.preempt.uninstall()
+        gc.unfreeze()  # train() may run inside someone else's process (a notebook, a test): hand its objects back
     return RunResult(s.run_dir, summary)
 
 

@@ -11,7 +11,7 @@ Recipe keys and overrides are those of `python -m areal.train`. The planner's ow
     cluster.sigma=S           lognormal shape of completion lengths (default 0.8), capped at max_len
     cluster.prompt_len=T      prompt tokens (default 256)
 
-    python -m areal.plan --profile [--out FILE]   measure this machine (the `here` device, ~2 min;
+    python -m areal.plan --profile [--out FILE]   measure this machine (the `here` device, ~2.5 min;
                                                   --quick: the shipped model only, a few seconds)
     python -m areal.plan --validate [--stored-profile]   predictions against real runs here (~8 min)
                                                          and AReaL's published figures
