@@ -117,6 +117,7 @@ def _follow(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
             pass
 
     in_step = gather if gathers and in_step_updates(recipe) else None
+
     freeze_startup_objects()
     try:
         while True:
@@ -173,8 +174,8 @@ def _lead(spec: RoleSpec, endpoint: Endpoint, recipe: Recipe) -> None:
     from areal.data import PromptSampler
     from areal.driver import drive
     from areal.messages import InFlightGroup
-    from areal.setup import new_train_engine, open_session, setup
     from areal.runtime import freeze_startup_objects
+    from areal.setup import new_train_engine, open_session, setup
     from areal.trainer.weight_publisher import WeightPublisher
     from areal.trajectory import Group
     from areal.transport import DistSender
