@@ -81,6 +81,30 @@ def test_group_shares_prompt_and_gives_identical_greedy_samples():
     assert stats["kv_blocks_used"] == 0
 
 
+def test_decode_buckets_split_by_length_and_by_gathered_bytes():
+    from areal.rollout.model_runner import decode_buckets
+
+    # tables of 1, 1, 2 blocks then 5 (more than twice the bucket's first): two runs by length alone
+    assert decode_buckets([1, 1, 2, 5, 5], block_size=4, token_bytes=8, gather_bytes=1 << 20) == [(0, 3, 2), (3, 5, 5)]
+    # 2 rows x 5 blocks x 4 tokens x 8 bytes = 320 bytes: a 300-byte budget holds one such row per run
+    assert decode_buckets([5, 5, 5], block_size=4, token_bytes=8, gather_bytes=300) == [(0, 1, 5), (1, 2, 5), (2, 3, 5)]
+    assert decode_buckets([], block_size=4, token_bytes=8) == []
+
+
+def test_decode_split_into_small_gather_buckets_gives_the_same_tokens(monkeypatch):
+    import areal.rollout.model_runner as runner
+
+    model = make_model("qwen2")
+    params = SamplingParams(n=3, temperature=0, max_new_tokens=10)
+    expected = [o.token_ids for o in Engine(model, num_blocks=64, block_size=4).generate(PROMPTS, params)]
+    seen = []
+    real = runner.decode_buckets
+    monkeypatch.setattr(runner, "decode_buckets", lambda *a: seen.append(real(*a, gather_bytes=1)) or seen[-1])
+    outs = Engine(model, num_blocks=64, block_size=4).generate(PROMPTS, params)
+    assert max(len(b) for b in seen) == 12  # every decode row attended in a run of its own
+    assert [o.token_ids for o in outs] == expected
+
+
 def test_preemption_with_tiny_pool_keeps_outputs_exact():
     model = make_model("llama")
     expected = [hf_greedy(model, p, 12) for p in PROMPTS]

@@ -9,8 +9,8 @@ from areal.trainer.batch import build_batch
 from areal.trainer.config import TrainerConfig
 from areal.trainer.engine import TrainEngine
 from areal.trainer.loss import decoupled_ppo_loss, gspo_loss
-from areal.trainer.packing import (balanced_partition, make_microbatches, pack_groups, pack_rows, shared_prefix_mask,
-                                  split_balanced)
+from areal.trainer.packing import (PADDING_SLACK, SMALL_CALL, attention_layout, balanced_partition, bucket_blocks, make_microbatches,
+                                  pack_groups, pack_rows, split_balanced)
 from areal.trajectory import Group, Trajectory
 
 
@@ -134,14 +134,60 @@ def test_microbatched_loss_and_grads_equal_one_big_batch(tiny_qwen2, aggregation
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_shared_prefix_mask_hand_example():
-    # prefix of 2, continuations of 2 and 1 tokens: [p0 p1 a0 a1 b0]
-    m = shared_prefix_mask(2, [2, 1]).int().tolist()
-    assert m == [[1, 0, 0, 0, 0],
-                 [1, 1, 0, 0, 0],
-                 [1, 1, 1, 0, 0],
-                 [1, 1, 1, 1, 0],
-                 [1, 1, 0, 0, 1]]  # b0 sees the prompt, not a0/a1
+def dense_allowed(layout, n):
+    """[n, n] 0/1: which packed positions each position's query attends to, read back from the layout's calls."""
+    allowed = torch.zeros(n, n, dtype=torch.int)
+    for call in layout.calls:
+        q, k = call.query_index.shape[1], call.key_index.shape[1]
+        mask = call.mask[:, 0] if call.mask is not None else torch.ones(q, k, dtype=torch.bool).tril().expand(len(call.valid), q, k)
+        for b in range(len(call.valid)):
+            for i in range(q):
+                if call.valid[b, i]:
+                    for j in range(k):
+                        if mask[b, i, j]:
+                            allowed[call.query_index[b, i], call.key_index[b, j]] = 1
+    return allowed.tolist()
+
+
+def test_attention_layout_hand_example():
+    # a group: prefix of 2, completions of 2 and 1 tokens [p0 p1 a0 a1 b0]; then a lone sequence [c0 c1]
+    layout = attention_layout([(0, 2, [2, 1]), (5, 2, [])])
+    assert dense_allowed(layout, 7) == [[1, 0, 0, 0, 0, 0, 0],
+                                        [1, 1, 0, 0, 0, 0, 0],
+                                        [1, 1, 1, 0, 0, 0, 0],
+                                        [1, 1, 1, 1, 0, 0, 0],
+                                        [1, 1, 0, 0, 1, 0, 0],  # b0 sees the prompt, not a0/a1
+                                        [0, 0, 0, 0, 0, 1, 0],
+                                        [0, 0, 0, 0, 0, 1, 1]]
+    assert len(layout.calls) == 2  # the causal blocks (prompt, lone sequence) together, the completions together
+    rows = torch.cat([call.query_index[call.valid] for call in layout.calls])
+    assert rows[layout.restore].tolist() == list(range(7))  # every position's output comes back to its place
+
+
+def test_a_long_group_costs_its_completions_scores_not_the_square_of_the_group():
+    """16 completions of 150-250 tokens after a 10-token prompt: the calls' scores stay within the padding
+    slack of sum C_k (P + C_k); one mask over the whole group would be (P + sum C_k)^2, 8 times more."""
+    owns = [150, 250, 200, 180, 220, 160, 240, 190] * 2
+    layout = attention_layout([(0, 10, owns)])
+    scores = sum(call.query_index.numel() * call.key_index.shape[1] for call in layout.calls)
+    own = 10 * 10 + sum(c * (10 + c) for c in owns)
+    assert own <= scores <= PADDING_SLACK * own
+    assert (10 + sum(owns)) ** 2 > 8 * scores
+
+
+def test_a_group_without_a_common_prefix_is_plain_causal_sequences():
+    layout = attention_layout([(0, 0, [2, 1])])
+    assert dense_allowed(layout, 3) == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_bucket_blocks_pads_similar_blocks_together_and_long_ones_apart():
+    assert bucket_blocks([(3, 3), (2, 2), (1, 1)]) == [[0, 1, 2]]  # a small call: padding is cheaper than a call
+    big = 2 * int(SMALL_CALL ** 0.5)  # 256: a call of one such block is over SMALL_CALL
+    # padded to 256 x 256, a bucket may compute at most twice its blocks' own scores:
+    # 2 blocks (256, 64): 2 * 256^2 <= 2 * (256^2 + 64^2); a third 64 would pad 3 * 256^2 > 2 * (256^2 + 2 * 64^2)
+    assert bucket_blocks([(big, big)] + [(big // 4, big // 4)] * 4) == [[0, 1], [2, 3, 4]]
+    # halves: 3 * 256^2 = 2 * (256^2 + 2 * 128^2) still fits, a fourth block does not
+    assert bucket_blocks([(big // 2, big // 2)] * 3 + [(big, big)]) == [[3, 0, 1], [2]]
 
 
 def test_pack_groups_layout_stores_the_prompt_once():
@@ -156,7 +202,8 @@ def test_pack_groups_layout_stores_the_prompt_once():
     # row 0: hidden 1 (prompt end) predicts 7, hidden 2 predicts 4; row 1: hidden 1 predicts 9; row 2: hidden 5
     assert mb.hidden_index.tolist() == [1, 2, 1, 5]
     assert mb.target_row.tolist() == [0, 0, 1, 2] and mb.target_col.tolist() == [1, 2, 1, 0]
-    assert mb.segment_masks[0].shape == (5, 5) and mb.segment_masks[1] is None
+    assert dense_allowed(mb.attention, 7)[4] == [1, 1, 0, 0, 1, 0, 0]  # row 1's completion: the prompt and itself
+    assert dense_allowed(mb.attention, 7)[6] == [0, 0, 0, 0, 0, 1, 1]  # the lone row: itself only
 
 
 def test_shared_prompt_training_equals_unshared_with_fewer_tokens(tiny_qwen2):
@@ -171,7 +218,6 @@ def test_shared_prompt_training_equals_unshared_with_fewer_tokens(tiny_qwen2):
             engine._microbatches = lambda b, rows: make_microbatches(
                 b.input_ids, b.attention_mask, b.loss_mask, rows, cfg.max_tokens_per_microbatch)
         mbs = engine._microbatches(batch, torch.arange(batch.num_sequences))
-        assert all((mb.segment_masks is not None) == share for mb in mbs)
         prox = engine.proximal_logprobs(batch)
         stats, grads = grads_after_step(engine, batch)
         results[share] = sum(mb.num_tokens for mb in mbs), prox, stats["train/loss"], grads

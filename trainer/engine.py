@@ -35,7 +35,7 @@ from areal.trainer.config import TrainerConfig
 from areal.trainer.critic import ValueModel, clipped_value_loss
 from areal.trainer.loss import (_behaviour_weight, aggregate, decoupled_ppo_loss, entropy_bonus, gspo_loss, kl_penalty,
                                 loglinear_proximal)
-from areal.trainer.packing import (MicroBatch, make_microbatches, register_varlen_attention, segment_mask_argument,
+from areal.trainer.packing import (MicroBatch, layout_argument, make_microbatches, register_varlen_attention,
                                   split_balanced)
 
 ENGINE_SIDE_ADVANTAGES = ("reinforce_pp", "ppo_gae")
@@ -73,8 +73,8 @@ def _model_inputs(mb: MicroBatch, labels: Tensor | None = None) -> dict:
                   hidden_index=mb.hidden_index)
     if labels is not None:
         inputs["labels"] = mb.gather(labels)
-    if mb.segment_masks is not None:  # shared-prompt groups: only the varlen attention reads these
-        inputs["attention_mask"] = segment_mask_argument(mb.segment_masks)
+    if mb.attention is not None:  # a packed row's blocks: only the varlen attention reads these
+        inputs["attention_mask"] = layout_argument(mb.attention)
     if mb.cu_seqlens is not None:  # read by the varlen attention (and by flash-attn kernels on GPU)
         longest = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
         inputs.update(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens, max_length_q=longest, max_length_k=longest)
@@ -123,7 +123,8 @@ class TrainEngine:
         shared = self.cfg.share_prompts and self.cfg.packing and self.cfg.packed_attention == "varlen"
         groups = batch.group_index if shared else None
         return make_microbatches(batch.input_ids, batch.attention_mask, batch.loss_mask, rows,
-                                 self.cfg.max_tokens_per_microbatch, packed=self.cfg.packing, group_index=groups)
+                                 self.cfg.max_tokens_per_microbatch, packed=self.cfg.packing, group_index=groups,
+                                 blocked_attention=self.cfg.packed_attention == "varlen")
 
     def _per_target(self, batch: TrainBatch, rows: Tensor, fn) -> Tensor:
         """[S, T-1] tensor of fn(micro-batch) -> flat values, for `rows` (zero elsewhere). Every rank runs the
