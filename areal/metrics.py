@@ -89,6 +89,8 @@ STEP_METRICS: dict[str, str] = {
     "time/weight_sync_s": "sync: loading the new weights into the rollout engine",
     "time/wait_for_batch_s": "async: waiting for B groups", "time/proximal_s": "recomputing pi_prox",
     "time/advantage_s": "advantages", "time/train_s": "the PPO update", "time/critic_s": "the critic update",
+    "time/train_step_cpu_s": "CPU time of the trainer's thread over proximal to critic (less than their sum by what "
+                             "the thread spent waiting or preempted)",
     "time/publish_snapshot_s": "async: copying the weights for publication (the trainer's whole cost)",
     "weights/bytes": "async: bytes per weight update", "weights/transfer_s": "async: publish to every worker holding it",
     "weights/coalesced_total": "async: versions skipped because a newer one was ready",

@@ -235,6 +235,7 @@ def test_quick_profile_feeds_the_planner(tmp_path, capsys):
     assert plan_main(["--profile", "--quick", "--out", str(out)]) == 0
     profile = json.loads(out.read_text())
     assert profile["cores"] >= 1 and profile["decode_step_s"] >= 0 and profile["train_flops_s"] > 0
+    assert profile["probe_s"] > 0  # the host's speed while profiled, which the validation compares its runs with
     capsys.readouterr()
     assert plan_main(["recipe=math.yaml", "cluster.gpus=2", f"cluster.gpu={out}", "cluster.etas=[1]"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -108,7 +108,8 @@ class TrainerConfig:
     )
     packed_attention: str = option(
         "varlen",
-        "Attention over packed rows: varlen (causal SDPA per sequence: sum L_i^2 work) or model (the "
+        "Attention over packed rows: varlen (causal SDPA per sequence, a shared prompt's completions each over "
+        "the prompt and themselves, batched by shape: sum L_i^2 work) or model (the "
         "model's own attention with a block-diagonal mask from the position ids: N^2 work).",
         choices=("varlen", "model"),
     )

@@ -262,7 +262,7 @@ class TrainEngine:
         batch = batch.to(self.device)
         parts = self._minibatch_shares(batch)
         local = torch.cat(parts)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         self.model.eval()
         fwd = lambda net: lambda mb: net(**_model_inputs(mb, batch.labels))[0]  # noqa: E731
         if not cfg.decoupled:
@@ -336,6 +336,7 @@ class TrainEngine:
             "time/advantage_s": t2 - t1,
             "time/train_s": t3 - t2,
             "time/critic_s": t4 - t3,
+            "time/train_step_cpu_s": time.thread_time() - cpu0,
             "train/tokens_per_s": trained / max(t4 - t0, 1e-9),
         })
         return out

@@ -70,6 +70,7 @@ class Hardware:
     weight_sync_latency_s: float = WEIGHT_SYNC_LATENCY_S
     kv_memory_fraction: float = 0.85  # of memory usable for weights + KV cache
     cores: int = 0  # > 0: devices are CPU cores that every process of a run shares (here)
+    probe_s: float = 0.0  # here: seconds of profile.speed_probe() while profiled (how fast the host ran then)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

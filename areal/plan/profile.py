@@ -5,12 +5,12 @@ Two models of the shipped family (Qwen2): assets/models/tiny-math (~0.5M paramet
 random-init configuration, so that fixed costs and per-FLOP costs separate:
 
 * decode: areal's engine (rollout/engine.py) decoding requests of 8 samples with `ignore_eos`, at
-  several running-batch sizes B_s, 12 new tokens each, and (shipped model) 64 new tokens; time per
-  engine step is fitted by least squares as
+  several running-batch sizes B_s, 12 new tokens each, and (shipped model) 64 new tokens; the time of
+  every decode step (median of three runs) is fitted by least squares as
       t_step = decode_step_s + B_s · decode_seq_s + c · decode_kv_token_s + F_step / infer_flops_s
-  (c: KV-cache tokens of the running sequences at the median step; a CPU pays for every cached token
-  a step reads far beyond its FLOPs, so c needs contexts of two lengths at the same B_s: grown by
-  generation, as a run's are, which costs more per token than a longer prompt does);
+  (c: the KV-cache tokens that step attends to, B_s · (12 + k) at step k: the steps of one run grow with
+  the cache at a fixed batch, which separates c's cost from the batch's; a CPU pays for every cached token
+  far beyond its FLOPs);
 * training: areal's TrainEngine.train_step (decoupled PPO with the proximal recompute) on synthetic
   groups of 8 samples sharing a prompt of 12 or 48 tokens, at several sizes and 1, 2 or 4 minibatches,
   fitted as
@@ -23,14 +23,17 @@ random-init configuration, so that fixed costs and per-FLOP costs separate:
 * rewards: the default math reward through a RewardPool of one worker process, per sample.
 * a sequence's own work (admission, prefill bookkeeping, fork, finishing: `sequence_s`), from the
   first and last engine steps of the decode runs above, beyond two typical steps;
-* areal's own loops: one short real run each of sync and async (batch 8, 2 minibatches). The sync
-  run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips and
-  scheduling, several times the bare call); the async run's trainer compute over the same step
-  alone (timed here on a synthetic batch of the run's shape) is `async_train_factor` (measured: the
-  trainer's own CPU time per step is the same in the run as alone; the few % more wall time are its main thread preempted by trainer0's other threads and the
-  other processes of the run); step time beyond what the phases predict is charged per group consumed
-  (`sync_group_s`, `async_group_s`: messages, buffer, batch building on the trainer's path).
-Timings are medians, so the profile is typical of this machine as loaded while it was measured.
+* areal's own loops: short real runs of sync and async (batch 8, 2 minibatches; three of each, medians).
+  The sync run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips
+  and scheduling, several times the bare call); the async trainer's step, wall time over its thread's CPU
+  time in the same step, is `async_train_factor` (its CPU time is what the step costs alone; the rest is
+  its main thread preempted by trainer0's other threads and the run's other processes); step time beyond
+  what the phases predict is charged per group consumed (`sync_group_s`, `async_group_s`: messages,
+  buffer, batch building on the trainer's path).
+Timings are medians, so the profile is typical of this machine as loaded while it was measured. How fast
+that was is kept as `probe_s`: a fixed piece of work (`speed_probe`) timed at the start and at the end of the
+measurements; a shared host's speed drifts by 10-20 % within minutes, and the validation times the same
+probe around each of its runs.
 
 Writes the profile JSON (default areal/plan/data/here.json, read by `cluster.gpu=here`).
 """
@@ -41,7 +44,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +73,16 @@ def _models(quick: bool):
     return out
 
 
-def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -> list[tuple[int, float, float]]:
-    """(running sequences, seconds per engine step, seconds of the sequences' own work) at each batch size,
-    requests of 8 samples. The sequences' own work is what admission (prefill, fork) and finishing cost
-    beyond decode steps: the first and the last engine step, over two typical steps. Medians of `repeats`."""
+PROMPT_TOKENS = 12  # the decode runs' prompt
+
+
+def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -> list[tuple[int, list[float], float]]:
+    """(running sequences, seconds of each decode step, seconds of the sequences' own work) at each batch size,
+    requests of 8 samples. Step k (k = 1 ... new_tokens - 2: the first step prefills and forks, the last one
+    also finishes the sequences) attends to PROMPT_TOKENS + k cached tokens per sequence; its time is the median
+    of `repeats` runs, so the steps of one run show how a step grows with the cache at a fixed batch. The
+    sequences' own work is what admission (prefill, fork) and finishing cost beyond decode steps: the first and
+    the last engine step, over two typical steps."""
     from areal.rollout import Engine
     from areal.rollout.types import SamplingParams
 
@@ -84,7 +93,7 @@ def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -
         steps, ends = [], []
         for _ in range(repeats):
             for r in range(bs // 8):
-                engine.add_request([5 + r % 50] * 12, params, prompt_index=r)
+                engine.add_request([5 + r % 50] * PROMPT_TOKENS, params, prompt_index=r)
             start = time.perf_counter()
             engine.step()  # prefill + fork, not a decode step
             first = time.perf_counter() - start
@@ -93,11 +102,11 @@ def measure_decode(model, batch_sizes, new_tokens: int = 12, repeats: int = 3) -
                 start = time.perf_counter()
                 engine.step()
                 times.append(time.perf_counter() - start)
-            steps += times[:-1]
+            steps.append(times[:-1])
             ends.append(first + times[-1])
-        # the median full-batch step: typical of this machine as loaded now, as a run will see it
-        step = float(np.median(steps))
-        rows.append((bs, step, float(np.median(ends)) - 2 * step))
+        # medians: typical of this machine as loaded now, as a run will see it
+        per_step = np.median(np.array(steps), axis=0)
+        rows.append((bs, per_step.tolist(), float(np.median(ends)) - 2 * float(np.median(per_step))))
     return rows
 
 
@@ -127,7 +136,7 @@ def time_train_step(engine, batch, repeats: int = 5) -> float:
     return float(np.median(times))
 
 
-def measure_train(model, shapes, vocab: int) -> list[tuple[list, int, float]]:
+def measure_train(model, shapes, vocab: int, repeats: int = 5) -> list[tuple[list, int, float]]:
     """([(prompt, [completions])] per group, minibatches, seconds) for synthetic batches of
     (groups, prompt length, completion length, minibatches)."""
     from areal.trainer.config import TrainerConfig
@@ -138,7 +147,7 @@ def measure_train(model, shapes, vocab: int) -> list[tuple[list, int, float]]:
     for groups, prompt_len, completion, minibatches in shapes:
         engine = TrainEngine(model, TrainerConfig(lr=1e-5, minibatches=minibatches), temperature=1.0)
         spec = [(prompt_len, [completion] * 8)] * groups
-        rows.append((spec, minibatches, time_train_step(engine, synthetic_batch(spec, vocab, g))))
+        rows.append((spec, minibatches, time_train_step(engine, synthetic_batch(spec, vocab, g), repeats)))
     return rows
 
 
@@ -188,9 +197,22 @@ def fit_nonneg(features: np.ndarray, target: np.ndarray) -> np.ndarray:
     return coef
 
 
+def speed_probe(repeats: int = 3) -> float:
+    """Seconds of a fixed piece of work on the shipped model: 22 decode steps of 64 sequences and one training
+    step of 8 groups (medians of `repeats`). The profile stores it (`probe_s`); the validation runs it around each
+    of its runs, to show how fast this machine ran then against when it was profiled (a shared host drifts)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    decode = measure_decode(model, [64], new_tokens=24, repeats=repeats)[0][1]
+    _, _, train = measure_train(model, [(8, 12, 8, 2)], model.config.vocab_size, repeats=repeats)[0]
+    return float(np.sum(decode)) + train
+
+
 def profile(quick: bool = False) -> tuple[Hardware, dict]:
     torch.set_num_threads(1)
     raw: dict = {"decode": {}, "train": {}}
+    probes = [speed_probe()]
     dec_x, dec_y, tr_x, tr_y = [], [], [], []
     batch_sizes = [8, 32] if quick else [8, 32, 128]
     for name, model, cfg in _models(quick):
@@ -200,10 +222,11 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
         # the shipped model again, generating longer: the cache's per-token cost (a 50M model's would take minutes)
         longer = measure_decode(model, batch_sizes[1:], new_tokens=64) if name == "tiny-math" and not quick else []
         raw["decode"][name + " (64 new tokens)"] = longer
-        for (bs, t, _), new in [(row, 12) for row in rows] + [(row, 64) for row in longer]:
-            kv = bs * (12 + new / 2)  # the median step's cache: the 12-token prompt + half of the new tokens
-            dec_x.append([1.0, bs, kv, 2.0 * arch.matmul_params * bs + 4.0 * arch.layers * arch.hidden * kv])
-            dec_y.append(t)
+        for bs, steps, _ in rows + longer:
+            for k, t in enumerate(steps, start=1):  # every step: its cache, PROMPT_TOKENS + k tokens a sequence
+                kv = bs * (PROMPT_TOKENS + k)
+                dec_x.append([1.0, bs, kv, 2.0 * arch.matmul_params * bs + 4.0 * arch.layers * arch.hidden * kv])
+                dec_y.append(t)
         if name == "tiny-math":  # host-side work, which the tiny model's FLOPs do not hide: the slope over sequences
             per_sequence = max(0.0, float(np.polyfit([bs for bs, _, _ in rows], [own for _, _, own in rows], 1)[0]))
         # (groups, prompt, completion, minibatches): prompts of two lengths at 1, 2 and 4 minibatches, so that a
@@ -231,6 +254,8 @@ def profile(quick: bool = False) -> tuple[Hardware, dict]:
                   cores=os.cpu_count() or 1)
     raw["weight_sync_bytes_s"] = sync_bw
     raw["reward_s_per_sample"] = reward_s
+    raw["probe_s"] = probes + [speed_probe()]  # at the start and at the end of the measurements above
+    hw = replace(hw, probe_s=float(np.mean(raw["probe_s"])))
     if not quick:
         hw, raw["loop_calibration"] = calibrate_loops(hw)
     return hw, raw
@@ -245,7 +270,6 @@ def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardwar
     median taken), with a batch of 8 prompts and 2 minibatches (the validation's runs use 16 and 4), minus
     what the phases above predict for it, divided by the 8 groups."""
     import tempfile
-    from dataclasses import replace
 
     from areal.config import build
     from areal.plan.validate import mean_prompt_tokens, predict_local, run_local, steady_state
@@ -265,8 +289,8 @@ def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardwar
                 if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
                     samples = recipe.trainer.batch_size * recipe.rollout.group_size
                     reward += [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
-                else:  # the trainer's own compute, beside a rollout worker, over the same alone
-                    factors.append(train_factor(rows[8:], recipe, mean_len))
+                else:  # the trainer's step beside a rollout worker: wall time over its CPU time
+                    factors.append(train_factor(rows[8:]))
             measured, mean_len = float(np.median(steps)), float(np.mean(lengths))
             found[f"{mode}_measured_step_s_runs"] = steps
             if mode == "sync":
@@ -281,25 +305,15 @@ def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardwar
     return replace(hw, async_group_s=found["async_group_s"], sync_group_s=found["sync_group_s"]), found
 
 
-def train_factor(rows: list[dict], recipe, mean_len: float) -> float:
-    """The trainer's own step (proximal forward, advantages, update) as an async run measured it, over the same
-    step alone, measured here on a synthetic batch of the run's shape: its recipe's trainer, model, batch and
-    mean prompt, completions of the run's mean length (a mix of the two nearest lengths). At least 1."""
-    from transformers import AutoModelForCausalLM
-
-    from areal.plan.validate import mean_prompt_tokens
-    from areal.setup import build_train_engine
-
-    own = [r["time/train_s"] + r.get("time/proximal_s", 0.0) + r.get("time/advantage_s", 0.0)
-           for r in rows if "time/train_s" in r]
-    k = recipe.rollout.group_size
-    longer = round((mean_len - int(mean_len)) * k)
-    completions = [int(mean_len) + 1] * longer + [max(1, int(mean_len))] * (k - longer)
-    groups = [(round(mean_prompt_tokens(recipe)), completions)] * recipe.trainer.batch_size
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
-    batch = synthetic_batch(groups, model.config.vocab_size, torch.Generator().manual_seed(0))
-    alone = time_train_step(build_train_engine(recipe, model), batch, repeats=9)
-    return max(1.0, float(np.median(own)) / alone)  # medians, as every timing here: a stray slow step is not the loop
+def train_factor(rows: list[dict]) -> float:
+    """The trainer's step in an async run, wall time over its thread's CPU time (the median over the run's steps):
+    what its main thread lost to the run's other threads and processes. Both clocks run in the same step, so a
+    shared host's drift between measurements does not enter (the step's CPU time equals the same step alone). At
+    least 1."""
+    ratios = [(r["time/train_s"] + r.get("time/proximal_s", 0.0) + r.get("time/advantage_s", 0.0)
+               + r.get("time/critic_s", 0.0)) / r["time/train_step_cpu_s"]
+              for r in rows if r.get("time/train_step_cpu_s", 0.0) > 0]
+    return max(1.0, float(np.median(ratios))) if ratios else 1.0
 
 
 def main(argv: list[str]) -> int:

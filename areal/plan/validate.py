@@ -5,7 +5,9 @@ data and model), each compared on mean step time after warm-up (`time/step_s` of
 metrics.jsonl) with the planner's prediction from a `here` profile measured first (areal/plan/profile.py;
 `--stored-profile` uses areal/plan/data/here.json instead) -- one profile for every run, no per-run fitting. Workload inputs taken
 from each run: its recipe, its mean completion length (metrics), and the data's mean prompt length.
-The ~48-token cases use a random-init model of the shipped shape (it rarely emits EOS).
+The ~48-token cases use a random-init model of the shipped shape (it rarely emits EOS). Around each
+run the profile's speed probe is timed again: `host_slowdown` says how much slower (> 1) the machine ran
+then than when it was profiled, beside the error (a shared host drifts; the prediction is not adjusted).
 
 Published: AReaL (Fu et al., 2025), DeepSeek-R1-Distill-Qwen-1.5B on 16 nodes of 8 H800 (41.0 h sync,
 14.8 h async, 2.77x) and -7B on 24 nodes (57.7 h, 25.4 h, 2.27x). Assumed (not all stated in the
@@ -116,7 +118,11 @@ def predict_local(recipe, mean_len: float, prompt_len: float, hw) -> float:
 
 
 def local_cases(hw) -> list[dict]:
+    """Each case's run, predicted and measured. `host_slowdown`: the profile's speed probe timed before and
+    after the run, over the same probe when the profile was measured (> 1: the host ran slower than then).
+    It is reported beside the error, never applied to the prediction."""
     from areal.config import build
+    from areal.plan.profile import speed_probe
     from areal.recipe import Recipe
 
     out = []
@@ -125,10 +131,13 @@ def local_cases(hw) -> list[dict]:
         for name, overrides, use_random in LOCAL_CASES:
             overrides = overrides + ([f"model.path={rand}"] if use_random else [])
             recipe = build(Recipe, "math.yaml", overrides)
+            before = speed_probe()
             measured, mean_len = steady_state(run_local(overrides, Path(tmp) / name.replace(" ", "_").replace(",", "")))
+            slowdown = (before + speed_probe()) / 2 / hw.probe_s if hw.probe_s else None
             predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
             out.append({"name": f"local: {name}", "predicted": predicted, "measured": measured,
-                        "rel_error": abs(predicted - measured) / measured, "mean_len": mean_len})
+                        "rel_error": abs(predicted - measured) / measured, "mean_len": mean_len,
+                        "host_slowdown": slowdown})
             print(json.dumps(out[-1]), file=sys.stderr)
     return out
 
@@ -219,11 +228,12 @@ def main(argv: list[str]) -> int:
     etas = eta_curve()
     plotted = plot(scaling, ROOT / "docs" / "plan_scaling.png")
     cases = Table(title="validation: predicted vs measured / published")
-    for col in ("case", "predicted", "measured / published", "rel. error"):
+    for col in ("case", "predicted", "measured / published", "rel. error", "host vs profile"):
         cases.add_column(col, justify="right")
     for c in local + published:
+        slowdown = c.get("host_slowdown")
         cases.add_row(c["name"], f"{c['predicted']:.4g}", f"{c.get('measured', c.get('published')):.4g}",
-                      f"{c['rel_error']:.0%}")
+                      f"{c['rel_error']:.0%}", f"{slowdown:.2f}x" if slowdown else "")
     console.print(cases)
     sc = Table(title="predicted effective tok/s (sync / async η=4, 3:1 split) vs AReaL published async")
     for col in ("GPUs", *[f"{k} sync" for k in scaling], *[f"{k} async" for k in scaling], "published"):
@@ -242,7 +252,7 @@ def main(argv: list[str]) -> int:
     print(json.dumps({
         "local_max_rel_error": max(c["rel_error"] for c in local),
         "published_max_rel_error": max(c["rel_error"] for c in published),
-        "cases": [{k: c[k] for k in ("name", "predicted", "rel_error")} | {
+        "cases": [{k: c[k] for k in ("name", "predicted", "rel_error", "host_slowdown") if k in c} | {
             "measured" if "measured" in c else "published": c.get("measured", c.get("published"))} for c in local + published],
         "scaling": {k: {str(n): v for n, v in rows.items()} for k, rows in scaling.items()},
         "published_scaling": {k: {str(n): v for n, v in rows.items()} for k, rows in PUBLISHED_SCALING.items()},
