@@ -59,12 +59,13 @@ class Hardware:
     train_seq_s: float = 0.0  # per trained sequence (host-side work: packing, per-sequence attention)
     reward_s_per_sample: float = 0.0  # reward on the rollout device's host (0: separate CPUs)
     sequence_s: float = 0.0  # per generated sequence, once (host-side: admission, prefill bookkeeping, finishing)
-    # the trainer's own compute inside an async run over the same compute alone (> 1 where rollout shares the
-    # trainer's host: its main thread is preempted by the run's other threads and processes); measured by the
-    # loop calibration, 1 on GPU clusters
+    # the async trainer's step, wall time over its thread's CPU time (> 1 where rollout shares the trainer's
+    # host: its main thread is preempted by the run's other threads and processes); measured by the loop
+    # calibration, 1 on GPU clusters
     async_train_factor: float = 1.0
-    # host-side work of areal's loops per group consumed (messages, buffer, batch building), on the
-    # trainer's path; 0 on GPU clusters, where it is negligible next to steps of minutes
+    # host-side work of areal's loops per group consumed (messages, buffer, batch building, publishing), on the
+    # trainer's path: a step's time outside the phases its loop times; 0 on GPU clusters, where it is
+    # negligible next to steps of minutes
     async_group_s: float = 0.0
     sync_group_s: float = 0.0
     weight_sync_latency_s: float = WEIGHT_SYNC_LATENCY_S

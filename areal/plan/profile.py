@@ -27,9 +27,10 @@ random-init configuration, so that fixed costs and per-FLOP costs separate:
   The sync run's own `time/reward_s` replaces the reward cost above (a run pays the pool's round trips
   and scheduling, several times the bare call); the async trainer's step, wall time over its thread's CPU
   time in the same step, is `async_train_factor` (its CPU time is what the step costs alone; the rest is
-  its main thread preempted by trainer0's other threads and the run's other processes); step time beyond
-  what the phases predict is charged per group consumed (`sync_group_s`, `async_group_s`: messages,
-  buffer, batch building on the trainer's path).
+  its main thread preempted by trainer0's other threads and the run's other processes); a step's time
+  outside the phases its loop times (batch building, messages, publishing), per group consumed, is the
+  loop's own host work (`sync_group_s`, `async_group_s`). All three are measured inside each step,
+  so the host's drift between measurements does not enter.
 Timings are medians, so the profile is typical of this machine as loaded while it was measured. How fast
 that was is kept as `probe_s`: a fixed piece of work (`speed_probe`) timed at the start and at the end of the
 measurements; a shared host's speed drifts by 10-20 % within minutes, and the validation times the same
@@ -265,10 +266,26 @@ CALIBRATION = ["trainer.batch_size=8", "trainer.minibatches=2", "rollout.max_sta
 CALIBRATION_RUNS = 3  # each loop's run, repeated: one run's step time moved by up to 20 % from the next one's
 
 
+TRAINER_PHASES = ("time/proximal_s", "time/advantage_s", "time/train_s", "time/critic_s")
+TIMED_PHASES = {  # what a loop's step is made of besides its own host work, as its metrics time it
+    "sync": ("time/generate_s", "time/reward_s", *TRAINER_PHASES, "time/weight_sync_s"),
+    "async": ("time/wait_for_batch_s", *TRAINER_PHASES),
+}
+
+
+def loop_overhead_s(rows: list[dict], mode: str) -> float:
+    """The median step's time outside the phases the loop times (TIMED_PHASES): its host work on the trainer's
+    path (batch building, messages, publishing), measured inside each step, so a shared host's drift between
+    measurements does not enter."""
+    return max(0.0, float(np.median([r["time/step_s"] - sum(r.get(k, 0.0) for k in TIMED_PHASES[mode])
+                                     for r in rows if "time/step_s" in r])))
+
+
 def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardware, dict]:
-    """Per-group host cost of areal's sync and async loops: short real runs of each (`runs` of them, the
-    median taken), with a batch of 8 prompts and 2 minibatches (the validation's runs use 16 and 4), minus
-    what the phases above predict for it, divided by the 8 groups."""
+    """Short real runs of areal's sync and async loops (`runs` of each, medians), with a batch of 8 prompts and 2
+    minibatches (the validation's runs use 16 and 4): the reward as the sync loop pays it, the async trainer's
+    preemption (`train_factor`), and each loop's own host work per group consumed (`loop_overhead_s` / 8). The
+    step the phases above predict for the same run is kept beside the measured one, for comparison."""
     import tempfile
 
     from areal.config import build
@@ -280,12 +297,13 @@ def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardwar
         for mode, extra in (("sync", ["run.mode=sync", "run.num_threads=1"]), ("async", [])):
             overrides = CALIBRATION + extra
             recipe = build(Recipe, "math.yaml", overrides)
-            steps, lengths, factors, reward = [], [], [], []
+            steps, lengths, factors, reward, overheads = [], [], [], [], []
             for k in range(runs):
                 rows = run_local(overrides, Path(tmp) / f"{mode}-{k}", steps=32)
                 measured, mean_len = steady_state(rows, warmup=8)
                 steps.append(measured)
                 lengths.append(mean_len)
+                overheads.append(loop_overhead_s(rows[8:], mode) / recipe.trainer.batch_size)
                 if mode == "sync":  # the sync loop times its reward phase: the reward as a run pays it
                     samples = recipe.trainer.batch_size * recipe.rollout.group_size
                     reward += [r["time/reward_s"] / samples for r in rows if "time/reward_s" in r][8:]
@@ -293,16 +311,16 @@ def calibrate_loops(hw: Hardware, runs: int = CALIBRATION_RUNS) -> tuple[Hardwar
                     factors.append(train_factor(rows[8:]))
             measured, mean_len = float(np.median(steps)), float(np.mean(lengths))
             found[f"{mode}_measured_step_s_runs"] = steps
+            found[f"{mode}_group_s"] = float(np.median(overheads))
             if mode == "sync":
-                hw = replace(hw, reward_s_per_sample=float(np.median(reward)))
+                hw = replace(hw, reward_s_per_sample=float(np.median(reward)), sync_group_s=found["sync_group_s"])
                 found["reward_s_per_sample"] = hw.reward_s_per_sample
             else:
-                hw = replace(hw, async_train_factor=float(np.median(factors)))
+                hw = replace(hw, async_train_factor=float(np.median(factors)), async_group_s=found["async_group_s"])
                 found["async_train_factor"] = hw.async_train_factor
-            predicted = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
-            found[f"{mode}_group_s"] = max(0.0, (measured - predicted) / recipe.trainer.batch_size)
-            found[f"{mode}_measured_step_s"], found[f"{mode}_phases_step_s"] = measured, predicted
-    return replace(hw, async_group_s=found["async_group_s"], sync_group_s=found["sync_group_s"]), found
+            found[f"{mode}_measured_step_s"] = measured
+            found[f"{mode}_predicted_step_s"] = predict_local(recipe, mean_len, mean_prompt_tokens(recipe), hw)
+    return hw, found
 
 
 def train_factor(rows: list[dict]) -> float:
