@@ -75,7 +75,7 @@ def _model_inputs(mb: MicroBatch, labels: Tensor | None = None) -> dict:
         inputs["labels"] = mb.gather(labels)
     if mb.attention is not None:  # a packed row's blocks: only the varlen attention reads these
         inputs["attention_mask"] = layout_argument(mb.attention)
-    if mb.cu_seqlens is not None:  # read by the varlen attention (and by flash-attn kernels on GPU)
+    elif mb.cu_seqlens is not None:  # packed, the model's own attention: flash-attn kernels read the boundaries
         longest = int((mb.cu_seqlens[1:] - mb.cu_seqlens[:-1]).max())
         inputs.update(cu_seq_lens_q=mb.cu_seqlens, cu_seq_lens_k=mb.cu_seqlens, max_length_q=longest, max_length_k=longest)
     return inputs

@@ -328,8 +328,7 @@ def train_factor(rows: list[dict]) -> float:
     what its main thread lost to the run's other threads and processes. Both clocks run in the same step, so a
     shared host's drift between measurements does not enter (the step's CPU time equals the same step alone). At
     least 1."""
-    ratios = [(r["time/train_s"] + r.get("time/proximal_s", 0.0) + r.get("time/advantage_s", 0.0)
-               + r.get("time/critic_s", 0.0)) / r["time/train_step_cpu_s"]
+    ratios = [sum(r.get(k, 0.0) for k in TRAINER_PHASES) / r["time/train_step_cpu_s"]
               for r in rows if r.get("time/train_step_cpu_s", 0.0) > 0]
     return max(1.0, float(np.median(ratios))) if ratios else 1.0
 
