@@ -40,6 +40,7 @@ from areal.checkpoint import store as ckpt_store
 from areal.messages import Hello, RoleError
 from areal.transport import gather_member_devices
 from channel_helpers import recv_type
+from pickle_helpers import RunsCode
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = [
@@ -49,16 +50,6 @@ RUN = [
     "checkpoint.every_steps=2", "checkpoint.on_busy=wait", "checkpoint.keep_last=2",
 ]
 TCP_LISTEN = "0A"
-
-
-class RunsCode:
-    """Unpickling this creates `marker`: it stands for a hostile writer's code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 # ------------------------------------------------------------------ /proc

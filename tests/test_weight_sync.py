@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import threading
 import time
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from areal.rollout.weight_receiver import WeightReceiver, apply
 from areal.trainer.weight_publisher import HISTORY_LEN, WeightPublisher
 from areal.transport import ALIGN, DistReceiver, DistSender, SenderTransport, UpdateHeader, plan_layout
+from pickle_helpers import RunsCode
 
 TIMEOUT_S = 20.0  # every collective / store wait in these tests; a hang fails instead of blocking CI
 
@@ -138,16 +138,6 @@ def test_malformed_header_raises_value_error(entry, match):
         entry = json.dumps(h).encode()
     with pytest.raises(ValueError, match=match):
         UpdateHeader.from_json(entry)
-
-
-class RunsCode:
-    """Unpickling this creates `marker`: stands for a hostile writer's code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.mkdir, (self.marker,)
 
 
 def test_receiver_refuses_store_entries_that_are_not_json_and_never_unpickles(tmp_path):
