@@ -56,7 +56,7 @@ from datetime import timedelta
 
 import torch
 
-CLOSED = b"closed"  # the entry after the last header once the sender closed (headers are JSON objects)
+CLOSED = b"\"closed\""  # the entry after the last header once the sender closed (JSON, as every entry; not an object)
 ALIGN = 64  # bytes; keeps every tensor view aligned for any dtype and for vectorised copies
 
 
